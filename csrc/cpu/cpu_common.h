@@ -1,0 +1,31 @@
+// Helpers shared by the CPU bindings: dtype dispatch and the grain size of parallel loops.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+
+#define MEMOPS_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+namespace memops {
+
+// Rows per task so that one task touches at least ~64K elements; small problems stay serial.
+inline int64_t grain_for(int64_t elements_per_row) {
+  const int64_t target = 1 << 16;
+  return elements_per_row >= target ? 1 : target / (elements_per_row > 0 ? elements_per_row : 1);
+}
+
+// Valid length of batch row b: seq_lens[b] or all S tokens.
+inline int64_t row_length(const int32_t* lens, int64_t b, int64_t num_tokens) {
+  return lens == nullptr ? num_tokens : lens[b];
+}
+
+inline const int32_t* optional_int_ptr(const std::optional<at::Tensor>& t, at::Tensor& holder) {
+  if (!t.has_value()) return nullptr;
+  holder = t->contiguous();
+  return holder.data_ptr<int32_t>();
+}
+
+}  // namespace memops

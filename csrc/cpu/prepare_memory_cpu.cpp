@@ -1,0 +1,75 @@
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_common.h"
+#include "memops/prepare_memory.h"
+#include "validate.h"
+
+namespace memops {
+namespace {
+
+template <typename T>
+void summarise_pages(const at::Tensor& keys, at::Tensor& summary, int64_t page_size,
+                     int64_t first_page, SummaryMode mode, const int32_t* lens) {
+  const int64_t B = keys.size(0), H = keys.size(1), S = keys.size(2), D = keys.size(3);
+  const int64_t pages = ceil_div(S, page_size) - first_page;
+  if (pages <= 0 || B * H == 0) return;
+  const T* kp = keys.const_data_ptr<T>();
+  T* sp = summary.mutable_data_ptr<T>();
+  const auto ks = keys.strides();
+  const auto ss = summary.strides();
+  at::parallel_for(0, B * H * pages, grain_for(page_size * D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H * pages), h = (i / pages) % H, p = first_page + i % pages;
+      const int64_t n = page_valid_tokens(p, page_size, row_length(lens, b, S));
+      const T* tokens = kp + b * ks[0] + h * ks[1] + p * page_size * ks[2];
+      T* out = sp + b * ss[0] + h * ss[1] + p * ss[2];
+      if (mode == SummaryMode::kMinMax)
+        page_minmax(tokens, ks[2], n, D, out, out + ss[3]);
+      else
+        page_mean(tokens, ks[2], n, D, out);
+    }
+  });
+}
+
+void run(const at::Tensor& keys, at::Tensor& summary, int64_t page_size, int64_t first_page,
+         SummaryMode mode, const std::optional<at::Tensor>& seq_lens) {
+  at::Tensor lens_holder;
+  const int32_t* lens = optional_int_ptr(seq_lens, lens_holder);
+  MEMOPS_DISPATCH_FLOAT(keys.scalar_type(), "prepare_memory_cpu", [&] {
+    summarise_pages<scalar_t>(keys, summary, page_size, first_page, mode, lens);
+  });
+}
+
+}  // namespace
+
+at::Tensor prepare_memory_cpu(const at::Tensor& keys, int64_t page_size, c10::string_view mode,
+                              const std::optional<at::Tensor>& seq_lens) {
+  const std::string mode_s(mode);
+  check_prepare_memory(keys, page_size, mode_s, seq_lens);
+  check_seq_lens_values("prepare_memory", seq_lens, keys.size(2));
+  const SummaryMode m = parse_summary_mode("prepare_memory", mode_s);
+  at::Tensor summary =
+      at::empty({keys.size(0), keys.size(1), ceil_div(keys.size(2), page_size),
+                 m == SummaryMode::kMinMax ? 2 : 1, keys.size(3)},
+                keys.options());
+  run(keys, summary, page_size, 0, m, seq_lens);
+  return summary;
+}
+
+void prepare_memory_inplace_cpu(at::Tensor& summary, const at::Tensor& keys, int64_t page_size,
+                                int64_t first_page, c10::string_view mode,
+                                const std::optional<at::Tensor>& seq_lens) {
+  const std::string mode_s(mode);
+  check_prepare_memory_inplace(summary, keys, page_size, first_page, mode_s, seq_lens);
+  check_seq_lens_values("prepare_memory_", seq_lens, keys.size(2));
+  run(keys, summary, page_size, first_page, parse_summary_mode("prepare_memory_", mode_s),
+      seq_lens);
+}
+
+TORCH_LIBRARY_IMPL(memops, CPU, m) {
+  m.impl("prepare_memory", &prepare_memory_cpu);
+  m.impl("prepare_memory_", &prepare_memory_inplace_cpu);
+}
+
+}  // namespace memops

@@ -1,0 +1,31 @@
+// Every memops schema, in one place. Backends (cpu/, cuda/, fpga/) only implement them.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing torch_memops._C runs the static registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(memops, m) {
+  m.def(
+      "prepare_memory(Tensor keys, int page_size, *, str mode=\"minmax\", "
+      "Tensor? seq_lens=None) -> Tensor");
+  m.def(
+      "prepare_memory_(Tensor(a!) summary, Tensor keys, int page_size, int first_page, *, "
+      "str mode=\"minmax\", Tensor? seq_lens=None) -> ()");
+  m.def(
+      "topk_relevancy(Tensor query, Tensor summary, int k, *, str mode=\"bound\", "
+      "Tensor? num_pages=None, int sink_pages=0, int recent_pages=0, "
+      "str group_reduce=\"max\", Tensor? weights=None) -> (Tensor, Tensor)");
+  m.def(
+      "gather_retrieve(Tensor memory, Tensor indices, int page_size, *, "
+      "Tensor? seq_lens=None) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_apply(Tensor query, Tensor k_cache, Tensor v_cache, Tensor? indices, "
+      "int page_size, *, Tensor? seq_lens=None, float? scale=None) -> (Tensor, Tensor)");
+  m.def(
+      "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
+      "-> (Tensor, Tensor)");
+}

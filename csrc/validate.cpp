@@ -1,0 +1,288 @@
+#include "validate.h"
+
+#include <c10/util/Exception.h>
+
+namespace memops {
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), "memops.", op, ": `", name,
+              "` must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+               const char* layout) {
+  TORCH_CHECK(t.dim() == dim, "memops.", op, ": `", name, "` must have ", dim, " dims ",
+              layout, ", got ", t.dim(), " dims ", t.sizes());
+}
+
+void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "memops.", op, ": the last dim of `", name,
+              "` must be contiguous (stride 1), got strides ", t.strides());
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                       const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "memops.", op, ": `", name, "` is on ", t.device(),
+              " but `", ref_name, "` is on ", ref.device(),
+              "; move both to the device that runs this step");
+}
+
+void check_int32_vector(const char* op, const char* name, const at::Tensor& t, int64_t batch,
+                        const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "memops.", op, ": `", name, "` must be int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "memops.", op, ": `", name,
+              "` must have shape [B] = [", batch, "], got ", t.sizes());
+  check_same_device(op, name, t, ref_name, ref);
+}
+
+void check_page_size(const char* op, int64_t page_size) {
+  TORCH_CHECK_VALUE(page_size > 0, "memops.", op, ": `page_size` must be > 0, got ", page_size);
+}
+
+void check_seq_lens(const char* op, const std::optional<at::Tensor>& seq_lens,
+                    const at::Tensor& ref, const char* ref_name) {
+  if (seq_lens.has_value())
+    check_int32_vector(op, "seq_lens", *seq_lens, ref.size(0), ref_name, ref);
+}
+
+}  // namespace
+
+SummaryMode parse_summary_mode(const std::string& op, const std::string& mode) {
+  if (mode == "minmax") return SummaryMode::kMinMax;
+  if (mode == "mean") return SummaryMode::kMean;
+  TORCH_CHECK_VALUE(false, "memops.", op, ": `mode` must be \"minmax\" or \"mean\", got \"",
+                    mode, "\"");
+}
+
+RelevancyMode parse_relevancy_mode(const std::string& op, const std::string& mode) {
+  if (mode == "bound") return RelevancyMode::kBound;
+  if (mode == "dot") return RelevancyMode::kDot;
+  if (mode == "indexer") return RelevancyMode::kIndexer;
+  TORCH_CHECK_VALUE(false, "memops.", op,
+                    ": `mode` must be \"bound\", \"dot\" or \"indexer\", got \"", mode, "\"");
+}
+
+GroupReduce parse_group_reduce(const std::string& op, const std::string& group_reduce) {
+  if (group_reduce == "max") return GroupReduce::kMax;
+  if (group_reduce == "sum") return GroupReduce::kSum;
+  TORCH_CHECK_VALUE(false, "memops.", op, ": `group_reduce` must be \"max\" or \"sum\", got \"",
+                    group_reduce, "\"");
+}
+
+void check_prepare_memory(const at::Tensor& keys, int64_t page_size, const std::string& mode,
+                          const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "prepare_memory";
+  check_dim(op, "keys", keys, 4, "[B, Hkv, S, D]");
+  check_float(op, "keys", keys);
+  check_last_dim_contiguous(op, "keys", keys);
+  check_page_size(op, page_size);
+  parse_summary_mode(op, mode);
+  check_seq_lens(op, seq_lens, keys, "keys");
+}
+
+void check_prepare_memory_inplace(const at::Tensor& summary, const at::Tensor& keys,
+                                  int64_t page_size, int64_t first_page, const std::string& mode,
+                                  const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "prepare_memory_";
+  check_dim(op, "keys", keys, 4, "[B, Hkv, S, D]");
+  check_float(op, "keys", keys);
+  check_last_dim_contiguous(op, "keys", keys);
+  check_page_size(op, page_size);
+  const SummaryMode m = parse_summary_mode(op, mode);
+  check_seq_lens(op, seq_lens, keys, "keys");
+  check_dim(op, "summary", summary, 5, "[B, Hkv, N, R, D]");
+  check_same_device(op, "summary", summary, "keys", keys);
+  TORCH_CHECK(summary.scalar_type() == keys.scalar_type(), "memops.", op,
+              ": `summary` must have the dtype of `keys` (", keys.scalar_type(), "), got ",
+              summary.scalar_type());
+  check_last_dim_contiguous(op, "summary", summary);
+  const int64_t n_pages = ceil_div(keys.size(2), page_size);
+  const int64_t reps = m == SummaryMode::kMinMax ? 2 : 1;
+  TORCH_CHECK(summary.size(0) == keys.size(0) && summary.size(1) == keys.size(1) &&
+                  summary.size(2) >= n_pages && summary.size(3) == reps &&
+                  summary.size(4) == keys.size(3),
+              "memops.", op, ": `summary` must have shape [B, Hkv, >= ceil(S/P), R, D] = [",
+              keys.size(0), ", ", keys.size(1), ", >= ", n_pages, ", ", reps, ", ", keys.size(3),
+              "] for mode \"", mode, "\", got ", summary.sizes());
+  TORCH_CHECK_VALUE(first_page >= 0, "memops.", op, ": `first_page` must be >= 0, got ",
+                    first_page);
+}
+
+void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, int64_t k,
+                          const std::string& mode, const std::optional<at::Tensor>& num_pages,
+                          int64_t sink_pages, int64_t recent_pages,
+                          const std::string& group_reduce,
+                          const std::optional<at::Tensor>& weights) {
+  const char* op = "topk_relevancy";
+  check_dim(op, "query", query, 3, "[B, Hq, D]");
+  check_dim(op, "summary", summary, 5, "[B, Hkv, N, R, D]");
+  check_float(op, "query", query);
+  check_float(op, "summary", summary);
+  check_same_device(op, "summary", summary, "query", query);
+  check_last_dim_contiguous(op, "query", query);
+  check_last_dim_contiguous(op, "summary", summary);
+  TORCH_CHECK(query.scalar_type() == summary.scalar_type(), "memops.", op,
+              ": `query` and `summary` must have the same dtype, got ", query.scalar_type(),
+              " and ", summary.scalar_type());
+  TORCH_CHECK(query.size(0) == summary.size(0), "memops.", op,
+              ": `query` and `summary` must have the same batch size B, got ", query.size(0),
+              " and ", summary.size(0));
+  TORCH_CHECK(query.size(2) == summary.size(4), "memops.", op,
+              ": `query` and `summary` must have the same head dim D, got ", query.size(2),
+              " and ", summary.size(4));
+  TORCH_CHECK_VALUE(k > 0, "memops.", op, ": `k` must be > 0, got ", k);
+  TORCH_CHECK_VALUE(sink_pages >= 0 && recent_pages >= 0, "memops.", op,
+                    ": `sink_pages` and `recent_pages` must be >= 0, got ", sink_pages, " and ",
+                    recent_pages);
+  TORCH_CHECK_VALUE(sink_pages + recent_pages <= k, "memops.", op,
+                    ": `sink_pages + recent_pages` (", sink_pages + recent_pages,
+                    ") must be <= `k` (", k, "): forced pages count toward k");
+  parse_group_reduce(op, group_reduce);
+  const RelevancyMode m = parse_relevancy_mode(op, mode);
+  const int64_t hq = query.size(1), hkv = summary.size(1), reps = summary.size(3);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "memops.", op,
+              ": query heads Hq must be a multiple of summary heads Hkv, got Hq = ", hq,
+              ", Hkv = ", hkv);
+  if (m == RelevancyMode::kBound) {
+    TORCH_CHECK_VALUE(reps == 2, "memops.", op,
+                      ": mode \"bound\" needs a minmax `summary` (R = 2), got R = ", reps);
+  } else if (m == RelevancyMode::kDot) {
+    TORCH_CHECK_VALUE(reps >= 1, "memops.", op, ": mode \"dot\" needs R >= 1, got R = ", reps);
+  } else {
+    TORCH_CHECK_VALUE(hkv == 1 && reps == 1, "memops.", op,
+                      ": mode \"indexer\" needs `summary` of shape [B, 1, N, 1, D], got ",
+                      summary.sizes());
+  }
+  if (m == RelevancyMode::kIndexer) {
+    TORCH_CHECK_VALUE(weights.has_value(), "memops.", op,
+                      ": mode \"indexer\" needs `weights` of shape [B, Hi]");
+    const at::Tensor& w = *weights;
+    check_same_device(op, "weights", w, "query", query);
+    check_float(op, "weights", w);
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == query.size(0) && w.size(1) == hq, "memops.", op,
+                ": `weights` must have shape [B, Hi] = [", query.size(0), ", ", hq, "], got ",
+                w.sizes());
+  } else {
+    TORCH_CHECK_VALUE(!weights.has_value(), "memops.", op,
+                      ": `weights` is only used with mode \"indexer\", got mode \"", mode, "\"");
+  }
+  if (num_pages.has_value())
+    check_int32_vector(op, "num_pages", *num_pages, query.size(0), "query", query);
+}
+
+void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, int64_t page_size,
+                           const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "gather_retrieve";
+  check_dim(op, "memory", memory, 4, "[B, H, S, D]");
+  check_last_dim_contiguous(op, "memory", memory);
+  check_dim(op, "indices", indices, 3, "[B, H, k]");
+  TORCH_CHECK(indices.scalar_type() == at::kInt, "memops.", op,
+              ": `indices` must be int32, got ", indices.scalar_type());
+  check_same_device(op, "indices", indices, "memory", memory);
+  TORCH_CHECK(indices.size(0) == memory.size(0) && indices.size(1) == memory.size(1), "memops.",
+              op, ": `indices` must have shape [B, H, k] with B, H of `memory` (", memory.size(0),
+              ", ", memory.size(1), "), got ", indices.sizes());
+  check_page_size(op, page_size);
+  check_seq_lens(op, seq_lens, memory, "memory");
+}
+
+void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const std::optional<at::Tensor>& indices,
+                        int64_t page_size, const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "sparse_apply";
+  check_dim(op, "query", query, 3, "[B, Hq, D]");
+  check_dim(op, "k_cache", k_cache, 4, "[B, Hkv, S, D]");
+  check_dim(op, "v_cache", v_cache, 4, "[B, Hkv, S, D]");
+  check_float(op, "query", query);
+  check_same_device(op, "k_cache", k_cache, "query", query);
+  check_same_device(op, "v_cache", v_cache, "query", query);
+  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() &&
+                  v_cache.scalar_type() == query.scalar_type(),
+              "memops.", op, ": `query`, `k_cache` and `v_cache` must have the same dtype, got ",
+              query.scalar_type(), ", ", k_cache.scalar_type(), " and ", v_cache.scalar_type());
+  check_last_dim_contiguous(op, "query", query);
+  check_last_dim_contiguous(op, "k_cache", k_cache);
+  check_last_dim_contiguous(op, "v_cache", v_cache);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "memops.", op,
+              ": `k_cache` and `v_cache` must have the same shape, got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
+  TORCH_CHECK(query.size(0) == k_cache.size(0) && query.size(2) == k_cache.size(3), "memops.",
+              op, ": `query` [B, Hq, D] must match `k_cache` [B, Hkv, S, D] in B and D, got ",
+              query.sizes(), " and ", k_cache.sizes());
+  const int64_t hq = query.size(1), hkv = k_cache.size(1);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "memops.", op,
+              ": query heads Hq must be a multiple of kv heads Hkv, got Hq = ", hq, ", Hkv = ",
+              hkv);
+  check_page_size(op, page_size);
+  if (indices.has_value()) {
+    const at::Tensor& idx = *indices;
+    TORCH_CHECK(idx.scalar_type() == at::kInt, "memops.", op, ": `indices` must be int32, got ",
+                idx.scalar_type());
+    check_same_device(op, "indices", idx, "query", query);
+    TORCH_CHECK(idx.dim() == 3 && idx.size(0) == query.size(0) &&
+                    (idx.size(1) == hkv || idx.size(1) == hq),
+                "memops.", op, ": `indices` must have shape [B, Hkv, k] = [", query.size(0), ", ",
+                hkv, ", k] or [B, Hq, k] = [", query.size(0), ", ", hq, ", k], got ",
+                idx.sizes());
+  }
+  check_seq_lens(op, seq_lens, query, "query");
+}
+
+void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b) {
+  const char* op = "merge_attention";
+  TORCH_CHECK(out_a.dim() >= 1, "memops.", op, ": `out_a` must have at least 1 dim [..., D]");
+  check_float(op, "out_a", out_a);
+  TORCH_CHECK(out_b.sizes() == out_a.sizes() && out_b.scalar_type() == out_a.scalar_type(),
+              "memops.", op, ": `out_b` must match `out_a` in shape and dtype, got ",
+              out_b.sizes(), " ", out_b.scalar_type(), " and ", out_a.sizes(), " ",
+              out_a.scalar_type());
+  const auto lead = out_a.sizes().slice(0, out_a.dim() - 1);
+  for (const auto* pair : {&lse_a, &lse_b}) {
+    const char* name = pair == &lse_a ? "lse_a" : "lse_b";
+    TORCH_CHECK(pair->scalar_type() == at::kFloat, "memops.", op, ": `", name,
+                "` must be float32, got ", pair->scalar_type());
+    TORCH_CHECK(pair->sizes() == lead, "memops.", op, ": `", name,
+                "` must have the leading shape of `out_a` ", lead, ", got ", pair->sizes());
+  }
+  check_same_device(op, "lse_a", lse_a, "out_a", out_a);
+  check_same_device(op, "out_b", out_b, "out_a", out_a);
+  check_same_device(op, "lse_b", lse_b, "out_a", out_a);
+}
+
+void check_seq_lens_values(const char* op, const std::optional<at::Tensor>& seq_lens,
+                           int64_t num_tokens) {
+  if (!seq_lens.has_value()) return;
+  const at::Tensor lens = seq_lens->cpu().contiguous();
+  const int32_t* p = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < lens.numel(); ++b)
+    TORCH_CHECK_VALUE(p[b] >= 0 && p[b] <= num_tokens, "memops.", op, ": `seq_lens[", b,
+                      "]` = ", p[b], " is outside [0, S] = [0, ", num_tokens, "]");
+}
+
+void check_num_pages_values(const char* op, const std::optional<at::Tensor>& num_pages,
+                            int64_t num_pages_total) {
+  if (!num_pages.has_value()) return;
+  const at::Tensor n = num_pages->cpu().contiguous();
+  const int32_t* p = n.data_ptr<int32_t>();
+  for (int64_t b = 0; b < n.numel(); ++b)
+    TORCH_CHECK_VALUE(p[b] >= 0 && p[b] <= num_pages_total, "memops.", op, ": `num_pages[", b,
+                      "]` = ", p[b], " is outside [0, N] = [0, ", num_pages_total, "]");
+}
+
+void check_indices_values(const char* op, const at::Tensor& indices, int64_t num_pages_total) {
+  const at::Tensor idx = indices.cpu().contiguous();
+  const int32_t* p = idx.data_ptr<int32_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    TORCH_CHECK_VALUE(p[i] >= -1 && p[i] < num_pages_total, "memops.", op,
+                      ": `indices` holds page ", p[i], " (flat position ", i,
+                      "), outside [-1, N) = [-1, ", num_pages_total, ")");
+}
+
+}  // namespace memops

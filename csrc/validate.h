@@ -1,0 +1,46 @@
+// Argument validation shared by every backend: one function per op. Each check names the
+// argument, what was expected and what came. Shape, dtype and device checks only: value checks
+// (index ranges, seq_lens) need the data and live with the host backends (check_values_*).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "memops/common.h"
+
+namespace memops {
+
+SummaryMode parse_summary_mode(const std::string& op, const std::string& mode);
+RelevancyMode parse_relevancy_mode(const std::string& op, const std::string& mode);
+GroupReduce parse_group_reduce(const std::string& op, const std::string& group_reduce);
+
+void check_prepare_memory(const at::Tensor& keys, int64_t page_size, const std::string& mode,
+                          const std::optional<at::Tensor>& seq_lens);
+void check_prepare_memory_inplace(const at::Tensor& summary, const at::Tensor& keys,
+                                  int64_t page_size, int64_t first_page, const std::string& mode,
+                                  const std::optional<at::Tensor>& seq_lens);
+void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, int64_t k,
+                          const std::string& mode, const std::optional<at::Tensor>& num_pages,
+                          int64_t sink_pages, int64_t recent_pages,
+                          const std::string& group_reduce,
+                          const std::optional<at::Tensor>& weights);
+void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, int64_t page_size,
+                           const std::optional<at::Tensor>& seq_lens);
+void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const std::optional<at::Tensor>& indices,
+                        int64_t page_size, const std::optional<at::Tensor>& seq_lens);
+void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b);
+
+// Value checks for backends whose data the host can read without a device sync (CPU, FPGA
+// emulation reads its host copy). `seq_lens` in [0, S]; `num_pages` in [0, N]; `indices` in
+// [-1, N).
+void check_seq_lens_values(const char* op, const std::optional<at::Tensor>& seq_lens,
+                           int64_t num_tokens);
+void check_num_pages_values(const char* op, const std::optional<at::Tensor>& num_pages,
+                            int64_t num_pages_total);
+void check_indices_values(const char* op, const at::Tensor& indices, int64_t num_pages_total);
+
+}  // namespace memops

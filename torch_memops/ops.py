@@ -1,0 +1,302 @@
+"""Typed wrappers of ``torch.ops.memops.*`` and their fake kernels (for ``torch.compile``).
+
+Every op follows ``shared/DESIGN.md`` section 2; ``torch_memops.reference`` holds the same
+functions in plain PyTorch. Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads,
+``S`` cached tokens, ``D`` head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R``
+representatives per page, ``k`` pages selected. Keys and values use the Hugging Face layout
+``[B, Hkv, S, D]`` and may be strided views of a larger buffer (only the last dim must be
+contiguous); nothing is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "prepare_memory",
+    "prepare_memory_",
+    "topk_relevancy",
+    "gather_retrieve",
+    "sparse_apply",
+    "merge_attention",
+]
+
+
+def prepare_memory(
+    keys: Tensor, page_size: int, *, mode: str = "minmax", seq_lens: Optional[Tensor] = None
+) -> Tensor:
+    """Summarise the keys of every page (Prepare Memory).
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``[B, Hkv, S, D]``, float32, float16 or bfloat16; last dim contiguous.
+    page_size : int
+        Tokens per page ``P`` (> 0).
+    mode : {"minmax", "mean"}
+        ``"minmax"``: ``R = 2`` (element-wise min, then max, over the page's valid tokens;
+        exact). ``"mean"``: ``R = 1``, the mean with float32 accumulation.
+    seq_lens : Tensor, optional
+        ``int32 [B]``, valid tokens per row (default ``S``); tokens past it are never read.
+
+    Returns
+    -------
+    Tensor
+        ``summary: [B, Hkv, N, R, D]`` in the dtype of ``keys``; pages with no valid token are 0.
+
+    Examples
+    --------
+    >>> keys = torch.randn(1, 8, 1000, 128)
+    >>> prepare_memory(keys, 16).shape
+    torch.Size([1, 8, 63, 2, 128])
+    """
+    return torch.ops.memops.prepare_memory(keys, page_size, mode=mode, seq_lens=seq_lens)
+
+
+def prepare_memory_(
+    summary: Tensor,
+    keys: Tensor,
+    page_size: int,
+    first_page: int,
+    *,
+    mode: str = "minmax",
+    seq_lens: Optional[Tensor] = None,
+) -> Tensor:
+    """Recompute pages ``first_page .. ceil(S/P) - 1`` of ``summary`` in place.
+
+    One call per decode step (``first_page`` = the page that received the new token) keeps the
+    summary of a growing cache current. ``summary: [B, Hkv, N_max, R, D]`` may be a preallocated
+    buffer with ``N_max >= ceil(S / P)``; pages outside the range are not touched. Other
+    arguments as in :func:`prepare_memory`. Returns ``summary``.
+
+    Examples
+    --------
+    >>> keys = torch.randn(1, 2, 40, 64)
+    >>> summary = torch.zeros(1, 2, 8, 2, 64)
+    >>> _ = prepare_memory_(summary, keys, 16, 0)
+    >>> torch.equal(summary[:, :, :3], prepare_memory(keys, 16))
+    True
+    """
+    torch.ops.memops.prepare_memory_(
+        summary, keys, page_size, first_page, mode=mode, seq_lens=seq_lens
+    )
+    return summary
+
+
+def topk_relevancy(
+    query: Tensor,
+    summary: Tensor,
+    k: int,
+    *,
+    mode: str = "bound",
+    num_pages: Optional[Tensor] = None,
+    sink_pages: int = 0,
+    recent_pages: int = 0,
+    group_reduce: str = "max",
+    weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Score every page against the decode query and select the top ``k`` (Relevancy + top-k).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``[B, Hq, D]`` (one decode token), dtype of ``summary``.
+    summary : Tensor
+        ``[B, Hkv, N, R, D]`` from :func:`prepare_memory`; ``Hq % Hkv == 0``.
+    k : int
+        Pages to select per kv head (> 0); may exceed ``N`` (the result is then padded).
+    mode : {"bound", "dot", "indexer"}
+        ``"bound"``: Quest's upper bound ``sum_d max(q_d*min_d, q_d*max_d)`` (``R == 2``).
+        ``"dot"``: ``max_r <q, rep_r>``. ``"indexer"`` (DeepSeek's lightning indexer): ``query``
+        holds ``Hi`` index heads, ``summary`` is ``[B, 1, N, 1, D]`` index keys, and the score is
+        ``sum_h weights[b, h] * relu(<q_h, key>)``.
+    num_pages : Tensor, optional
+        ``int32 [B]``: only the first ``num_pages[b]`` pages are candidates (default ``N``).
+    sink_pages, recent_pages : int
+        The first ``sink_pages`` and last ``recent_pages`` valid pages are always selected; they
+        count toward ``k`` (``sink_pages + recent_pages <= k``).
+    group_reduce : {"max", "sum"}
+        How the ``Hq // Hkv`` query-head scores of a kv head are combined, so that one selection
+        serves the whole GQA group.
+    weights : Tensor, optional
+        ``[B, Hi]`` head weights; required by, and only allowed with, ``mode="indexer"``.
+
+    Returns
+    -------
+    scores : Tensor
+        ``float32 [B, Hkv, k]`` aligned with ``indices``; ``-inf`` for padding.
+    indices : Tensor
+        ``int32 [B, Hkv, k]``: the exact top-k page set (ties go to the lower page index, NaN
+        ranks lowest), in ascending page order, padded with ``-1`` at the end.
+
+    Examples
+    --------
+    >>> keys = torch.randn(1, 2, 256, 64)
+    >>> summary = prepare_memory(keys, 16)
+    >>> scores, indices = topk_relevancy(torch.randn(1, 8, 64), summary, 4, recent_pages=1)
+    >>> indices.shape, int(indices[0, 0, -1])
+    (torch.Size([1, 2, 4]), 15)
+    """
+    return torch.ops.memops.topk_relevancy(
+        query,
+        summary,
+        k,
+        mode=mode,
+        num_pages=num_pages,
+        sink_pages=sink_pages,
+        recent_pages=recent_pages,
+        group_reduce=group_reduce,
+        weights=weights,
+    )
+
+
+def gather_retrieve(
+    memory: Tensor, indices: Tensor, page_size: int, *, seq_lens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Copy the selected pages of ``memory`` back to back (Retrieval).
+
+    Parameters
+    ----------
+    memory : Tensor
+        ``[B, H, S, D]`` keys, values or any per-token data (any dtype; bit-exact copy).
+    indices : Tensor
+        ``int32 [B, H, k]`` as returned by :func:`topk_relevancy`; ``-1`` marks padding.
+    page_size : int
+        Tokens per page ``P``.
+    seq_lens : Tensor, optional
+        ``int32 [B]`` valid tokens per row.
+
+    Returns
+    -------
+    out : Tensor
+        ``[B, H, k*P, D]``: slot ``j`` holds the valid tokens of page ``indices[..., j]`` in rows
+        ``j*P ..``; everything else is zero. With ascending indices padded at the end, the valid
+        tokens form a prefix of length ``lengths``.
+    lengths : Tensor
+        ``int32 [B, H]``, the number of valid tokens copied.
+
+    Examples
+    --------
+    >>> mem = torch.randn(1, 1, 40, 4)
+    >>> out, n = gather_retrieve(mem, torch.tensor([[[0, 2]]], dtype=torch.int32), 16)
+    >>> out.shape, int(n)
+    (torch.Size([1, 1, 32, 4]), 24)
+    """
+    return torch.ops.memops.gather_retrieve(memory, indices, page_size, seq_lens=seq_lens)
+
+
+def sparse_apply(
+    query: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    indices: Optional[Tensor],
+    page_size: int,
+    *,
+    seq_lens: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Decode attention over the tokens of the selected pages, gathered in the kernel (Apply).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``[B, Hq, D]``.
+    k_cache, v_cache : Tensor
+        ``[B, Hkv, S, D]``, dtype of ``query``; strided views of a larger buffer are fine.
+    indices : Tensor or None
+        ``int32 [B, Hkv, k]`` (one selection per GQA group) or ``[B, Hq, k]``; ``None`` attends
+        to every valid token (dense decode through the same kernel).
+    page_size : int
+        Tokens per page ``P``.
+    seq_lens : Tensor, optional
+        ``int32 [B]`` valid tokens per row.
+    scale : float, optional
+        Softmax scale, default ``D ** -0.5``.
+
+    Returns
+    -------
+    out : Tensor
+        ``[B, Hq, D]`` in the query dtype (float32 accumulation).
+    lse : Tensor
+        ``float32 [B, Hq]``: natural-log log-sum-exp of the scaled scores. A row with no valid
+        token gives ``out = 0`` and ``lse = -inf``.
+
+    Examples
+    --------
+    >>> q, k, v = torch.randn(1, 4, 64), torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    >>> out, lse = sparse_apply(q, k, v, None, 16)
+    >>> out.shape, lse.shape
+    (torch.Size([1, 4, 64]), torch.Size([1, 4]))
+    """
+    return torch.ops.memops.sparse_apply(
+        query, k_cache, v_cache, indices, page_size, seq_lens=seq_lens, scale=scale
+    )
+
+
+def merge_attention(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Exactly combine two partial attentions over disjoint token sets.
+
+    ``out_a, out_b: [..., D]`` (same shape and dtype), ``lse_a, lse_b: float32 [...]``.
+    Returns ``(out, lse)`` with ``lse = logaddexp(lse_a, lse_b)``; two empty parts give ``0`` and
+    ``-inf``.
+
+    Examples
+    --------
+    >>> q, k, v = torch.randn(1, 2, 32), torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
+    >>> a = sparse_apply(q, k[:, :, :40], v[:, :, :40], None, 8)
+    >>> b = sparse_apply(q, k[:, :, 40:], v[:, :, 40:], None, 8)
+    >>> out, lse = merge_attention(*a, *b)
+    >>> torch.allclose(out, sparse_apply(q, k, v, None, 8)[0], atol=1e-5)
+    True
+    """
+    return torch.ops.memops.merge_attention(out_a, lse_a, out_b, lse_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels: output metadata only, so that torch.compile can trace the ops. Argument checking
+# happens in the real kernels (csrc/validate.cpp), which run at execution time.
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("memops::prepare_memory")
+def _prepare_memory_fake(keys, page_size, *, mode="minmax", seq_lens=None):
+    B, H, S, D = keys.shape
+    reps = 2 if mode == "minmax" else 1
+    return keys.new_empty(B, H, (S + page_size - 1) // page_size, reps, D)
+
+
+@torch.library.register_fake("memops::prepare_memory_")
+def _prepare_memory_inplace_fake(summary, keys, page_size, first_page, *, mode="minmax",
+                                 seq_lens=None):
+    return None
+
+
+@torch.library.register_fake("memops::topk_relevancy")
+def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sink_pages=0,
+                         recent_pages=0, group_reduce="max", weights=None):
+    B, Hkv = summary.shape[0], summary.shape[1]
+    return (query.new_empty(B, Hkv, k, dtype=torch.float32),
+            query.new_empty(B, Hkv, k, dtype=torch.int32))
+
+
+@torch.library.register_fake("memops::gather_retrieve")
+def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
+    B, H, _, D = memory.shape
+    k = indices.shape[-1]
+    return memory.new_empty(B, H, k * page_size, D), indices.new_empty(B, H)
+
+
+@torch.library.register_fake("memops::sparse_apply")
+def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=None, scale=None):
+    B, Hq, D = query.shape
+    return query.new_empty(B, Hq, D), query.new_empty(B, Hq, dtype=torch.float32)
+
+
+@torch.library.register_fake("memops::merge_attention")
+def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a), torch.empty_like(lse_a)
