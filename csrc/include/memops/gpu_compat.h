@@ -27,7 +27,6 @@ constexpr Error kSuccess = hipSuccess;
 // gfx9 (MI100/MI210/MI300) runs wavefronts of 64 lanes.
 constexpr int kWarpSize = 64;
 inline Error last_error() { return hipGetLastError(); }
-inline const char* error_string(Error e) { return hipGetErrorString(e); }
 inline Error set_max_dynamic_shared(const void* kernel, int bytes) {
   return hipFuncSetAttribute(kernel, hipFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
@@ -39,10 +38,6 @@ template <typename T>
 __device__ __forceinline__ T shfl_up(T v, int delta) {
   return __shfl_up(v, delta);
 }
-template <typename T>
-__device__ __forceinline__ T shfl(T v, int src_lane) {
-  return __shfl(v, src_lane);
-}
 #else
 using Stream = cudaStream_t;
 using Half = __half;
@@ -51,7 +46,6 @@ using Error = cudaError_t;
 constexpr Error kSuccess = cudaSuccess;
 constexpr int kWarpSize = 32;
 inline Error last_error() { return cudaGetLastError(); }
-inline const char* error_string(Error e) { return cudaGetErrorString(e); }
 inline Error set_max_dynamic_shared(const void* kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
@@ -63,10 +57,6 @@ __device__ __forceinline__ T shfl_xor(T v, int lane_mask, int width = kWarpSize)
 template <typename T>
 __device__ __forceinline__ T shfl_up(T v, int delta) {
   return __shfl_up_sync(kFullMask, v, delta);
-}
-template <typename T>
-__device__ __forceinline__ T shfl(T v, int src_lane) {
-  return __shfl_sync(kFullMask, v, src_lane);
 }
 #endif
 
@@ -120,11 +110,6 @@ __device__ __forceinline__ float warp_max(float v) {
 
 __device__ __forceinline__ float warp_sum(float v) { return group_sum(v, kWarpSize); }
 
-// Whether every pointer and element stride allows VEC-wide aligned accesses.
-template <int VEC, typename T>
-inline bool vector_aligned(const T* ptr) {
-  return reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(T) * VEC) == 0;
-}
 
 }  // namespace gpu
 }  // namespace memops
