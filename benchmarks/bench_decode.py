@@ -1,0 +1,152 @@
+"""One sparse-attention decode step (relevancy + top-k + apply) against the alternatives.
+
+    PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick]
+
+For each shape, in the same run: dense decode through every F.scaled_dot_product_attention
+backend that runs, our sparse_apply(indices=None), the pure-PyTorch Quest pipeline (vectorised
+torch code with reference.py's semantics; reference.py's own loops are far too slow at these
+sizes) eager and under torch.compile. (FlashInfer was not installable on the measuring machine;
+the script says so and measures no FlashInfer path.) Speed-ups are
+quoted against the fastest dense decode measured, next to the ideal ratio S / (S/P + budget).
+Writes benchmarks/results/bench_decode.{json,md} (or $MEMOPS_BENCH_OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, Report, Row, median_ms  # noqa: E402
+
+import torch_memops  # noqa: E402,F401
+from torch_memops import ops  # noqa: E402
+
+PAGE = 16
+DTYPE = torch.bfloat16
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def quest_torch(query, summary, k_cache, v_cache, budget_pages: int):
+    """Quest decode in vectorised PyTorch: bound scores (GQA max), torch.topk, gather, SDPA."""
+    B, Hq, D = query.shape
+    Hkv = summary.shape[1]
+    qg = query.float().view(B, Hkv, Hq // Hkv, 1, D)
+    lo, hi = summary[:, :, None, :, 0].float(), summary[:, :, None, :, 1].float()
+    scores = torch.maximum(qg * lo, qg * hi).sum(-1).amax(2)  # [B, Hkv, N]
+    pages = scores.topk(budget_pages, dim=-1).indices.sort(-1).values
+    tokens = (pages[..., None] * PAGE + torch.arange(PAGE, device=query.device)).flatten(-2)
+    gather = tokens[..., None].expand(-1, -1, -1, D)
+    keys, values = k_cache.gather(2, gather), v_cache.gather(2, gather)
+    return F.scaled_dot_product_attention(query[:, :, None], keys, values, enable_gqa=True)
+
+
+def memops_step(query, summary, k_cache, v_cache, budget_pages: int):
+    _, idx = ops.topk_relevancy(query, summary, budget_pages, sink_pages=1, recent_pages=2)
+    return ops.sparse_apply(query, k_cache, v_cache, idx, PAGE)
+
+
+def dense_rows(report, shape, query, k_cache, v_cache) -> dict[str, float]:
+    B, Hq, D = query.shape
+    nbytes = 2 * k_cache.numel() * k_cache.element_size()
+    q4 = query[:, :, None]
+    times = {}
+    for name, backend in SDPA_BACKENDS.items():
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q4, k_cache, v_cache, enable_gqa=True)
+        try:
+            run()
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            report.add(Row(f"dense sdpa[{name}]", shape, float("nan"), None,
+                           {"skipped": str(e).splitlines()[0][:80]}))
+            continue
+        times[f"sdpa[{name}]"] = report.add(
+            Row(f"dense sdpa[{name}]", shape, median_ms(run), nbytes)).ms
+    times["memops dense"] = report.add(Row(
+        "dense memops.sparse_apply(None)", shape,
+        median_ms(lambda: ops.sparse_apply(query, k_cache, v_cache, None, PAGE)), nbytes)).ms
+    return times
+
+
+def flashinfer_installed() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    args = parser.parse_args()
+    deadline = float(os.environ.get("MEMOPS_BENCH_DEADLINE", "inf"))
+    batches = [8, 1]
+    lengths = [32768, 131072, 8192]
+    budgets = [2048, 4096, 1024]
+    if args.quick:
+        lengths, budgets = [32768], [2048]
+    # torch.compile takes tens of seconds per shape: compile at the target cells only.
+    compile_cells = {("llama3-8b", 8, 32768), ("llama3-8b", 8, 131072), ("llama2-7b", 1, 32768),
+                     ("llama2-7b", 1, 131072), ("qwen-7to1", 8, 32768)}
+    report = Report("bench_decode")
+    print(f"{report.info}", flush=True)
+    if not flashinfer_installed():
+        print("FlashInfer is not importable here: not measured", flush=True)
+    else:
+        print("FlashInfer is installed, but this benchmark has no FlashInfer path yet (it was "
+              "never installable on the measuring machine): not measured", flush=True)
+    compiled_quest = torch.compile(quest_torch, dynamic=False)
+    for S in lengths:
+        for model, (Hq, Hkv, D) in MODELS.items():
+            for B in batches:
+                if time.time() > deadline:
+                    print("deadline reached: remaining cells not measured", flush=True)
+                    return
+                shape = f"{model} B{B} S{S // 1024}K"
+                k_cache = torch.randn(B, Hkv, S, D, device="cuda", dtype=DTYPE)
+                v_cache = torch.randn_like(k_cache)
+                query = torch.randn(B, Hq, D, device="cuda", dtype=DTYPE)
+                summary = ops.prepare_memory(k_cache, PAGE)
+                dense = dense_rows(report, shape, query, k_cache, v_cache)
+                fastest_name = min(dense, key=dense.get)
+                fastest = dense[fastest_name]
+                for budget in budgets:
+                    kp = budget // PAGE
+                    ideal = S / (S / PAGE + budget)
+                    cell = f"{shape} budget{budget}"
+                    nbytes = (summary.numel() * summary.element_size()
+                              + 2 * B * Hkv * budget * D * k_cache.element_size())
+                    ms = median_ms(lambda: memops_step(query, summary, k_cache, v_cache, kp))
+                    report.add(Row("memops step (topk_relevancy+sparse_apply)", cell, ms, nbytes,
+                                   {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
+                                    "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
+                                    "vs": fastest_name}))
+                    ms = median_ms(lambda: quest_torch(query, summary, k_cache, v_cache, kp))
+                    report.add(Row("torch Quest eager", cell, ms, nbytes,
+                                   {"speedup": round(fastest / ms, 2)}))
+                    if (model, B, S) in compile_cells and budget == 2048:
+                        compiled_quest(query, summary, k_cache, v_cache, kp)
+                        ms = median_ms(lambda: compiled_quest(query, summary, k_cache, v_cache, kp))
+                        report.add(Row("torch Quest torch.compile", cell, ms, nbytes,
+                                       {"speedup": round(fastest / ms, 2)}))
+                del k_cache, v_cache, summary
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

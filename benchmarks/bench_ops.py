@@ -1,0 +1,132 @@
+"""Per-op device time, bytes moved, GB/s and % of the measured copy peak (CUDA).
+
+    PYTHONPATH=$PWD python benchmarks/bench_ops.py [--quick]
+
+Writes benchmarks/results/bench_ops.{json,md} (or $MEMOPS_BENCH_OUT). Shapes: the attention of
+Llama-3-8B, a Qwen-style 7:1 GQA and Llama-2-7B (MHA) at S = 8K/32K/128K, batch 1 and 8, page 16,
+a 2048-token budget; plus DeepSeek sparse attention's indexer (64 index heads, D 128, k 2048
+tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, Report, Row, kernel_times_us, median_ms  # noqa: E402
+
+import torch_memops  # noqa: E402,F401
+from torch_memops import ops  # noqa: E402
+
+PAGE = 16
+DTYPE = torch.bfloat16
+ELEM = 2
+
+
+def random_pages(B, H, N, k, device="cuda"):
+    """Ascending, unique page indices [B, H, k] (k <= N), int32."""
+    return torch.rand(B, H, N, device=device).topk(k, dim=-1).indices.sort(-1).values.int()
+
+
+def deadline_passed() -> bool:
+    deadline = float(os.environ.get("MEMOPS_BENCH_DEADLINE", "inf"))
+    return time.time() > deadline
+
+
+def bench_attention_shapes(report: Report, batches, lengths, budget: int) -> None:
+    for model, (Hq, Hkv, D) in MODELS.items():
+        for B in batches:
+            for S in lengths:
+                if deadline_passed():
+                    return
+                shape = f"{model} B{B} S{S // 1024}K"
+                N, kp = S // PAGE, budget // PAGE
+                keys = torch.randn(B, Hkv, S, D, device="cuda", dtype=DTYPE)
+                values = torch.randn_like(keys)
+                query = torch.randn(B, Hq, D, device="cuda", dtype=DTYPE)
+                summary = ops.prepare_memory(keys, PAGE)
+
+                report.add(Row("prepare_memory", shape,
+                               median_ms(lambda: ops.prepare_memory(keys, PAGE)),
+                               B * Hkv * (S + 2 * N) * D * ELEM))
+                report.add(Row("prepare_memory_ (last page)", shape,
+                               median_ms(lambda: ops.prepare_memory_(summary, keys, PAGE, N - 1)),
+                               B * Hkv * 3 * PAGE * D * ELEM))
+
+                def relevancy():
+                    return ops.topk_relevancy(query, summary, kp, sink_pages=1, recent_pages=2)
+
+                topk_bytes = B * Hkv * 2 * N * D * ELEM + B * Hq * D * ELEM + B * Hkv * kp * 8
+                kernels = kernel_times_us(relevancy)
+                report.add(Row(f"topk_relevancy bound k={kp}", shape, median_ms(relevancy),
+                               topk_bytes, {k: round(v, 1) for k, v in kernels.items()}))
+                scores = torch.randn(B, Hkv, N, device="cuda")
+                report.add(Row(f"torch.topk on scores k={kp}", shape,
+                               median_ms(lambda: torch.topk(scores, kp, dim=-1)), B * Hkv * N * 4))
+
+                idx = random_pages(B, Hkv, N, kp)
+                apply_bytes = 2 * B * Hkv * budget * D * ELEM + 2 * B * Hq * D * ELEM
+                report.add(Row(f"sparse_apply budget={budget}", shape,
+                               median_ms(lambda: ops.sparse_apply(query, keys, values, idx, PAGE)),
+                               apply_bytes))
+                report.add(Row("sparse_apply dense (indices=None)", shape,
+                               median_ms(lambda: ops.sparse_apply(query, keys, values, None, PAGE)),
+                               2 * B * Hkv * S * D * ELEM + 2 * B * Hq * D * ELEM))
+                report.add(Row(f"gather_retrieve budget={budget}", shape,
+                               median_ms(lambda: ops.gather_retrieve(keys, idx, PAGE)),
+                               2 * B * Hkv * budget * D * ELEM))
+                out_a = torch.randn(B, Hq, D, device="cuda", dtype=DTYPE)
+                lse_a = torch.randn(B, Hq, device="cuda")
+                report.add(Row("merge_attention", shape,
+                               median_ms(lambda: ops.merge_attention(out_a, lse_a, out_a, lse_a)),
+                               3 * B * Hq * D * ELEM + 3 * B * Hq * 4))
+                del keys, values, summary
+                torch.cuda.empty_cache()
+
+
+def bench_indexer(report: Report, batches, lengths, k: int = 2048, heads: int = 64,
+                  D: int = 128) -> None:
+    for B in batches:
+        for S in lengths:
+            if deadline_passed():
+                return
+            shape = f"dsa-indexer B{B} S{S // 1024}K"
+            query = torch.randn(B, heads, D, device="cuda", dtype=DTYPE)
+            index_keys = torch.randn(B, 1, S, 1, D, device="cuda", dtype=DTYPE)
+            weights = torch.rand(B, heads, device="cuda")
+
+            def ours():
+                return ops.topk_relevancy(query, index_keys, k, mode="indexer", weights=weights)
+
+            def torch_indexer():
+                logits = torch.einsum("bhd,bnd->bhn", query, index_keys[:, 0, :, 0])
+                s = torch.einsum("bh,bhn->bn", weights, logits.float().relu())
+                return torch.topk(s, k, dim=-1)
+
+            nbytes = B * S * D * ELEM + B * heads * D * ELEM + B * k * 8
+            report.add(Row(f"topk_relevancy indexer k={k}", shape, median_ms(ours), nbytes,
+                           {n: round(v, 1) for n, v in kernel_times_us(ours).items()}))
+            report.add(Row(f"torch einsum+relu+topk k={k}", shape, median_ms(torch_indexer),
+                           nbytes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8, S = 32K only")
+    args = parser.parse_args()
+    batches = [8] if args.quick else [1, 8]
+    lengths = [32768] if args.quick else [8192, 32768, 131072]
+    report = Report("bench_ops")
+    print(f"{report.info}", flush=True)
+    bench_attention_shapes(report, batches, lengths, budget=2048)
+    bench_indexer(report, batches, lengths)
+
+
+if __name__ == "__main__":
+    main()

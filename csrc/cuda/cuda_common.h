@@ -1,0 +1,71 @@
+// Helpers shared by the CUDA bindings (host compiler): current stream, element type of a tensor,
+// launch-error checks, and whether a tensor's layout allows 16-byte accesses.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <array>
+#include <atomic>
+#include <optional>
+
+#include "cuda/launch.h"
+
+namespace memops {
+
+inline void check_launch(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, "memops.", op, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(e));
+}
+
+// The validators admit float32, float16 and bfloat16 only.
+inline cuda::ElementType element_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return cuda::ElementType::kFloat16;
+    case at::kBFloat16:
+      return cuda::ElementType::kBFloat16;
+    default:
+      return cuda::ElementType::kFloat32;
+  }
+}
+
+inline const int32_t* optional_int_data(const std::optional<at::Tensor>& t, at::Tensor& holder) {
+  if (!t.has_value()) return nullptr;
+  holder = t->contiguous();
+  return holder.const_data_ptr<int32_t>();
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Blocks that keep every multiprocessor of the current device busy (grid-stride kernels, split
+// planning). The count is read once per device: a host query, no synchronisation.
+inline int grid_limit(int blocks_per_sm) {
+  static std::array<std::atomic<int>, 64> counts{};
+  const int device = c10::cuda::current_device();
+  int sms = device < 64 ? counts[device].load() : 0;
+  if (sms == 0) {
+    TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) ==
+                    cudaSuccess,
+                "memops: cannot read the multiprocessor count of CUDA device ", device);
+    if (device < 64) counts[device].store(sms);
+  }
+  return sms * blocks_per_sm;
+}
+
+// True when a tensor can be read 16 bytes at a time: data pointer aligned and every stride
+// but the last a multiple of VEC (the last dim is contiguous and a multiple of VEC).
+inline bool allows_vector(const at::Tensor& t) {
+  const int64_t vec = 16 / t.element_size();
+  if (t.numel() == 0) return true;
+  if (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % (vec * t.element_size()) != 0)
+    return false;
+  if (t.size(-1) % vec != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
+  return true;
+}
+
+
+}  // namespace memops

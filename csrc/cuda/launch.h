@@ -1,0 +1,32 @@
+// Launchers of the CUDA kernels, compiled by nvcc in <op>_kernels.cu without torch, called by the
+// bindings (<op>_cuda.cpp, host compiler). They return the launch status and never throw, so no
+// C++ exception crosses a frame that nvcc compiled; the bindings own every check and error.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "memops/gpu_params.h"
+
+namespace memops {
+namespace cuda {
+
+enum class ElementType { kFloat32, kFloat16, kBFloat16 };
+
+// `vectorized`: every tensor the kernel reads in 16-byte accesses allows them (alignment and
+// strides); otherwise the element-wise instantiation runs.
+cudaError_t launch_prepare_memory(const PrepareMemoryParams& p, ElementType type, bool vectorized,
+                                  int max_blocks, cudaStream_t stream);
+cudaError_t launch_topk_relevancy(const RelevancyParams& scores, const SelectParams& select,
+                                  ElementType type, bool vectorized, int target_blocks,
+                                  cudaStream_t stream);
+// `max_heads`: 1, 4 or 8, the query heads one block serves (plan_sparse_apply used the same).
+cudaError_t launch_sparse_apply(const SparseApplyParams& p, ElementType type, bool vectorized,
+                                int max_heads, cudaStream_t stream);
+cudaError_t launch_merge_attention(const MergeAttentionParams& p, ElementType type,
+                                   int max_blocks, cudaStream_t stream);
+// `unit_bytes`: 16, 8, 4, 2 or 1, the widest copy the row size, strides and addresses allow.
+cudaError_t launch_gather_retrieve(const GatherRetrieveParams& p, int unit_bytes, int max_blocks,
+                                   cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace memops

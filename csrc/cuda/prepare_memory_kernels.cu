@@ -1,0 +1,17 @@
+#include "cuda/kernels_common.cuh"
+#include "memops/prepare_memory.cuh"
+
+namespace memops {
+namespace cuda {
+
+cudaError_t launch_prepare_memory(const PrepareMemoryParams& p, ElementType type, bool vectorized,
+                                  int max_blocks, cudaStream_t stream) {
+  return dispatch_element_type(type, [&](auto element) {
+    using T = decltype(element);
+    return vectorized ? memops::launch_prepare_memory<T, 16 / sizeof(T)>(p, max_blocks, stream)
+                      : memops::launch_prepare_memory<T, 1>(p, max_blocks, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace memops

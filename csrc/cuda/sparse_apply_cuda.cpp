@@ -1,0 +1,74 @@
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cuda/cuda_common.h"
+#include "validate.h"
+
+namespace memops {
+std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
+                                                     const at::Tensor& k_cache,
+                                                     const at::Tensor& v_cache,
+                                                     const std::optional<at::Tensor>& indices,
+                                                     int64_t page_size,
+                                                     const std::optional<at::Tensor>& seq_lens,
+                                                     std::optional<double> scale) {
+  check_sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens);
+  TORCH_CHECK(query.size(2) <= kGpuMaxDim, "memops.sparse_apply: the CUDA kernel "
+              "supports head dims D <= ", kGpuMaxDim, ", got ", query.size(2),
+              "; run this step on the CPU");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), G = Hq / Hkv;
+  at::Tensor out = at::empty({B, Hq, D}, query.options());
+  at::Tensor lse = at::empty({B, Hq}, query.options().dtype(at::kFloat));
+  if (B * Hq == 0) return {out, lse};
+  at::Tensor idx, lens_holder;
+  if (indices.has_value()) idx = indices->contiguous();
+
+  SparseApplyParams p{};
+  p.query = query.const_data_ptr();
+  p.k_cache = k_cache.const_data_ptr();
+  p.v_cache = v_cache.const_data_ptr();
+  p.indices = idx.defined() ? idx.const_data_ptr<int32_t>() : nullptr;
+  p.seq_lens = optional_int_data(seq_lens, lens_holder);
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  p.batch = B;
+  p.q_heads = Hq;
+  p.kv_heads = Hkv;
+  p.tokens = S;
+  p.dim = D;
+  p.page_size = page_size;
+  p.index_heads = idx.defined() ? idx.size(1) : Hkv;
+  p.slots = idx.defined() ? idx.size(2) : ceil_div(S, page_size);
+  for (int i = 0; i < 2; ++i) p.query_stride[i] = query.stride(i);
+  for (int i = 0; i < 3; ++i) {
+    p.k_stride[i] = k_cache.stride(i);
+    p.v_stride[i] = v_cache.stride(i);
+  }
+  p.scale = scale.has_value() ? static_cast<float>(*scale)
+                              : 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t row_heads = p.index_heads != Hkv ? 1 : G;
+  const int max_heads = row_heads == 1 ? 1 : (row_heads <= 4 ? 4 : 8);
+  plan_sparse_apply(p, max_heads, grid_limit(2));
+  TORCH_CHECK(B * p.index_heads * p.head_chunks <= 65535, "memops.sparse_apply: the CUDA "
+              "kernel supports at most 65535 (batch, head) rows, got ",
+              B * p.index_heads * p.head_chunks);
+  // Split partials: sized by shapes only, so the op stays capturable in a CUDA graph.
+  at::Tensor partial_acc = at::empty({B * Hq, p.splits, D}, query.options().dtype(at::kFloat));
+  at::Tensor partial_stats = at::empty({2, B * Hq, p.splits}, query.options().dtype(at::kFloat));
+  p.partial_acc = partial_acc.mutable_data_ptr<float>();
+  p.partial_max = partial_stats.mutable_data_ptr<float>();
+  p.partial_sum = p.partial_max + B * Hq * p.splits;
+  const bool vectorized = allows_vector(query) && allows_vector(k_cache) &&
+                          allows_vector(v_cache);
+  check_launch(cuda::launch_sparse_apply(p, element_type(query), vectorized, max_heads,
+                                         current_stream()),
+               "sparse_apply");
+  return {out, lse};
+}
+
+TORCH_LIBRARY_IMPL(memops, CUDA, m) { m.impl("sparse_apply", &sparse_apply_cuda); }
+
+}  // namespace memops

@@ -1,0 +1,67 @@
+#include <torch/library.h>
+
+#include "cuda/cuda_common.h"
+#include "validate.h"
+
+namespace memops {
+
+std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
+    const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
+    const std::optional<at::Tensor>& num_pages, int64_t sink_pages, int64_t recent_pages,
+    c10::string_view group_reduce, const std::optional<at::Tensor>& weights) {
+  const std::string mode_s(mode), reduce_s(group_reduce);
+  check_topk_relevancy(query, summary, k, mode_s, num_pages, sink_pages, recent_pages, reduce_s,
+                       weights);
+  TORCH_CHECK(summary.size(4) <= kGpuMaxDim, "memops.topk_relevancy: the CUDA "
+              "kernel supports head dims D <= ", kGpuMaxDim, ", got ",
+              summary.size(4), "; run this step on the CPU");
+  TORCH_CHECK(summary.size(2) <= INT32_MAX, "memops.topk_relevancy: at most 2^31 - 1 pages, got ",
+              summary.size(2));
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t B = summary.size(0), Hkv = summary.size(1), N = summary.size(2);
+  TORCH_CHECK(B * Hkv <= 65535, "memops.topk_relevancy: the CUDA kernel supports B * Hkv <= "
+              "65535 rows, got ", B * Hkv);
+  at::Tensor top_scores = at::empty({B, Hkv, k}, query.options().dtype(at::kFloat));
+  at::Tensor top_indices = at::empty({B, Hkv, k}, query.options().dtype(at::kInt));
+  if (B * Hkv == 0) return {top_scores, top_indices};
+  // Scores of every page, float32 (N * 4 bytes a row, small next to the summary it is read from).
+  at::Tensor scores = at::empty({B, Hkv, N}, query.options().dtype(at::kFloat));
+  at::Tensor w, pages_holder;
+  if (weights.has_value()) w = weights->to(at::kFloat).contiguous();
+
+  RelevancyParams rp{};
+  rp.query = query.const_data_ptr();
+  rp.summary = summary.const_data_ptr();
+  rp.weights = w.defined() ? w.const_data_ptr<float>() : nullptr;
+  rp.num_pages = optional_int_data(num_pages, pages_holder);
+  rp.scores = scores.mutable_data_ptr<float>();
+  rp.batch = B;
+  rp.q_heads = query.size(1);
+  rp.kv_heads = Hkv;
+  rp.pages = N;
+  rp.reps = summary.size(3);
+  rp.dim = summary.size(4);
+  for (int i = 0; i < 2; ++i) rp.query_stride[i] = query.stride(i);
+  for (int i = 0; i < 4; ++i) rp.summary_stride[i] = summary.stride(i);
+  rp.mode = parse_relevancy_mode("topk_relevancy", mode_s);
+  rp.reduce = parse_group_reduce("topk_relevancy", reduce_s);
+
+  SelectParams sp{};
+  sp.scores = scores.const_data_ptr<float>();
+  sp.num_pages = rp.num_pages;
+  sp.top_scores = top_scores.mutable_data_ptr<float>();
+  sp.top_indices = top_indices.mutable_data_ptr<int32_t>();
+  sp.heads = Hkv;
+  sp.pages = N;
+  sp.k = k;
+  sp.sink_pages = sink_pages;
+  sp.recent_pages = recent_pages;
+  check_launch(cuda::launch_topk_relevancy(rp, sp, element_type(query), allows_vector(summary),
+                                           grid_limit(8), current_stream()),
+               "topk_relevancy");
+  return {top_scores, top_indices};
+}
+
+TORCH_LIBRARY_IMPL(memops, CUDA, m) { m.impl("topk_relevancy", &topk_relevancy_cuda); }
+
+}  // namespace memops

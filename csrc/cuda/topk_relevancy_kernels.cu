@@ -1,0 +1,21 @@
+#include "cuda/kernels_common.cuh"
+#include "memops/topk_relevancy.cuh"
+
+namespace memops {
+namespace cuda {
+
+cudaError_t launch_topk_relevancy(const RelevancyParams& scores, const SelectParams& select,
+                                  ElementType type, bool vectorized, int target_blocks,
+                                  cudaStream_t stream) {
+  const cudaError_t e = dispatch_element_type(type, [&](auto element) {
+    using T = decltype(element);
+    return vectorized
+               ? memops::launch_relevancy_scores<T, 16 / sizeof(T)>(scores, target_blocks, stream)
+               : memops::launch_relevancy_scores<T, 1>(scores, target_blocks, stream);
+  });
+  if (e != cudaSuccess) return e;
+  return memops::launch_select_topk(select, scores.batch * scores.kv_heads, stream);
+}
+
+}  // namespace cuda
+}  // namespace memops

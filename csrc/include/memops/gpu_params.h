@@ -1,0 +1,108 @@
+// Parameters of the GPU kernels (raw pointers, sizes, element strides) and the host-side launch
+// planning that depends on shapes only. Plain C++: the torch bindings, compiled by the host
+// compiler, fill these in; the kernels (*.cuh) read them.
+#pragma once
+
+#include <cstdint>
+
+#include "memops/common.h"
+
+namespace memops {
+
+// Largest head dim of the GPU kernels (their per-thread slices live in registers).
+constexpr int64_t kGpuMaxDim = 256;
+// Tokens per step of a sparse_apply block, and the most splits of one row.
+constexpr int64_t kApplyTile = 128;
+constexpr int64_t kApplyMaxSplits = 128;
+// Query heads one sparse_apply block serves at most (their accumulators live in registers).
+constexpr int64_t kApplyMaxHeads = 8;
+
+struct PrepareMemoryParams {
+  const void* keys;
+  void* summary;
+  const int32_t* seq_lens;  // [B] or nullptr (all S); clamped to [0, S]
+  int64_t batch, heads, tokens, dim, page_size;
+  int64_t first_page, num_pages;  // pages first_page .. num_pages-1 are written
+  int64_t key_stride[3];          // b, h, s (elements); d is dense
+  int64_t summary_stride[4];      // b, h, n, r
+  SummaryMode mode;
+};
+
+struct RelevancyParams {
+  const void* query;       // [B, Hq, D]
+  const void* summary;     // [B, Hkv, N, R, D]
+  const float* weights;    // indexer only: [B, Hq] contiguous float32
+  const int32_t* num_pages;  // [B] or nullptr; clamped to [0, N]
+  float* scores;           // [B, Hkv, N] contiguous; pages past num_pages are not written
+  int64_t batch, q_heads, kv_heads, pages, reps, dim;
+  int64_t query_stride[2];    // b, h
+  int64_t summary_stride[4];  // b, h, n, r
+  RelevancyMode mode;
+  GroupReduce reduce;
+};
+
+struct SelectParams {
+  const float* scores;        // [rows, N] contiguous
+  const int32_t* num_pages;   // [B] or nullptr
+  float* top_scores;          // [rows, k]
+  int32_t* top_indices;       // [rows, k]
+  int64_t heads, pages, k, sink_pages, recent_pages;
+};
+
+struct GatherRetrieveParams {
+  const char* memory;       // [B, H, S, D] bytes; strides in bytes below
+  const int32_t* indices;   // [B, H, k] contiguous
+  const int32_t* seq_lens;  // [B] or nullptr; clamped to [0, S]
+  char* out;                // [B, H, k * P, D] contiguous
+  int32_t* lengths;         // [B, H]
+  int64_t batch, heads, tokens, row_bytes, page_size, k;
+  int64_t memory_stride[3];  // b, h, s in bytes
+};
+
+struct SparseApplyParams {
+  const void* query;        // [B, Hq, D]
+  const void* k_cache;      // [B, Hkv, S, D]
+  const void* v_cache;      // [B, Hkv, S, D]
+  const int32_t* indices;   // [B, index_heads, slots] contiguous; nullptr = every page (dense)
+  const int32_t* seq_lens;  // [B] or nullptr; clamped to [0, S]
+  float* partial_acc;       // [B * Hq, splits, D] unnormalised outputs
+  float* partial_max;       // [B * Hq, splits] running max of the logits
+  float* partial_sum;       // [B * Hq, splits] sum of exp(logit - max)
+  void* out;                // [B, Hq, D] contiguous
+  float* lse;               // [B, Hq]
+  int64_t batch, q_heads, kv_heads, tokens, dim, page_size;
+  int64_t index_heads;      // kv_heads or q_heads (or kv_heads when dense)
+  int64_t slots;            // k, or ceil(S / P) when dense
+  int64_t slots_per_split, splits;
+  int64_t head_chunks;      // blocks per index row along the query heads it serves
+  int64_t query_stride[2];  // b, h
+  int64_t k_stride[3];      // b, h, s
+  int64_t v_stride[3];
+  float scale;
+};
+
+struct MergeAttentionParams {
+  const void* out_a;  // [rows, D] contiguous
+  const void* out_b;
+  const float* lse_a;  // [rows]
+  const float* lse_b;
+  void* out;
+  float* lse;
+  int64_t rows, dim;
+};
+
+// Chooses the split of the page list so that about `target_blocks` blocks run; depends on
+// shapes only (never on seq_lens or indices), so the launch is the same in every graph replay.
+inline void plan_sparse_apply(SparseApplyParams& p, int max_heads_per_block, int target_blocks) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t row_heads = p.index_heads != p.kv_heads ? 1 : group;
+  p.head_chunks = ceil_div(row_heads, max_heads_per_block);
+  const int64_t rows = p.batch * p.index_heads * p.head_chunks;
+  const int64_t max_splits =
+      max64(1, min64(kApplyMaxSplits, ceil_div(p.slots * p.page_size, kApplyTile)));
+  const int64_t wanted = max64(1, min64(max_splits, ceil_div(target_blocks, max64(rows, 1))));
+  p.slots_per_split = max64(1, ceil_div(p.slots, wanted));
+  p.splits = max64(1, ceil_div(p.slots, p.slots_per_split));
+}
+
+}  // namespace memops

@@ -1,0 +1,384 @@
+// Compute Relevancy + Retrieval on the GPU: page scores of every kv head (the GQA group or the
+// index heads reduced in-kernel, the summary read once), then an exact top-k per row by radix
+// select on an order-preserving key, written in ascending page order.
+#pragma once
+
+// First: on HIP it defines the __host__/__device__/__forceinline__ that common.h uses.
+#include "memops/gpu_compat.h"
+
+#include <cmath>
+
+#include "memops/common.h"
+#include "memops/gpu_params.h"
+#include "memops/relevancy.h"
+#include "memops/topk.h"
+
+namespace memops {
+
+namespace relevancy_detail {
+
+constexpr int kLanesPerPage = 16;
+constexpr int kMaxDim = static_cast<int>(kGpuMaxDim);
+constexpr int kMaxPerLane = kMaxDim / kLanesPerPage;
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t valid_pages(const int32_t* num_pages, int64_t b, int64_t n) {
+  return num_pages == nullptr ? n : min64(max64(num_pages[b], 0), n);
+}
+
+// This lane's slice of one representative, kept in the storage type (fewer registers, so more
+// pages in flight): elements (i * kLanesPerPage + sub) * VEC + j.
+template <typename T, int VEC>
+struct LaneSlice {
+  gpu::Vec<T, VEC> chunk[kMaxPerLane / VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_slice(const T* rep, int sub, int64_t dim, bool active,
+                                           LaneSlice<T, VEC>& out) {
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane / VEC; ++i) {
+    const int64_t d0 = (int64_t(i) * kLanesPerPage + sub) * VEC;
+    if (active && d0 < dim) {
+      out.chunk[i] = *reinterpret_cast<const gpu::Vec<T, VEC>*>(rep + d0);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.chunk[i].v[j] = static_cast<T>(0.f);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ float lane_dot(const float* q, const LaneSlice<T, VEC>& rep, int sub,
+                                          int64_t dim) {
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane / VEC; ++i) {
+    const int64_t d0 = (int64_t(i) * kLanesPerPage + sub) * VEC;
+    if (d0 < dim) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc += q[d0 + j] * static_cast<float>(rep.chunk[i].v[j]);
+    }
+  }
+  return acc;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ float lane_bound(const float* q, const LaneSlice<T, VEC>& lo,
+                                            const LaneSlice<T, VEC>& hi, int sub, int64_t dim) {
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane / VEC; ++i) {
+    const int64_t d0 = (int64_t(i) * kLanesPerPage + sub) * VEC;
+    if (d0 < dim) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float qd = q[d0 + j];
+        acc += fmax32(qd * static_cast<float>(lo.chunk[i].v[j]),
+                      qd * static_cast<float>(hi.chunk[i].v[j]));
+      }
+    }
+  }
+  return acc;
+}
+
+// Score of one page for the whole group of query heads (all lanes of the page's lane group
+// return it). `first`/`second` hold representatives 0 and 1; more are read from `page`.
+template <typename T, int VEC>
+__device__ __forceinline__ float score_page(const RelevancyParams& p, const float* shared_query,
+                                            const float* shared_weights, int64_t group,
+                                            const T* page, const LaneSlice<T, VEC>& first,
+                                            const LaneSlice<T, VEC>& second, int sub,
+                                            bool active) {
+  const int64_t dim = p.dim;
+  float score = 0.f;
+  for (int64_t g = 0; g < group; ++g) {
+    const float* q = shared_query + g * dim;
+    float head;
+    if (p.mode == RelevancyMode::kBound) {
+      head = gpu::group_sum(lane_bound<T, VEC>(q, first, second, sub, dim), kLanesPerPage);
+    } else {
+      head = gpu::group_sum(lane_dot<T, VEC>(q, first, sub, dim), kLanesPerPage);
+      if (p.mode == RelevancyMode::kIndexer) {
+        head = shared_weights[g] * (head > 0.f ? head : 0.f);
+      } else {
+        if (p.reps >= 2)
+          head = fmax32(head, gpu::group_sum(lane_dot<T, VEC>(q, second, sub, dim),
+                                             kLanesPerPage));
+        for (int64_t r = 2; r < p.reps; ++r) {
+          LaneSlice<T, VEC> extra;
+          load_slice<T, VEC>(page + r * p.summary_stride[3], sub, dim, active, extra);
+          head = fmax32(head, gpu::group_sum(lane_dot<T, VEC>(q, extra, sub, dim),
+                                             kLanesPerPage));
+        }
+      }
+    }
+    score = p.mode == RelevancyMode::kIndexer ? (g == 0 ? head : score + head)
+                                              : group_combine(score, head, g == 0, p.reduce);
+  }
+  return score;
+}
+
+}  // namespace relevancy_detail
+
+// Grid: x over page blocks (grid-stride), y over (b, kv) rows. A group of 16 lanes scores one
+// page: each lane keeps its slice of the page's representatives in registers and loops over the
+// query heads of the group (kept in shared memory as float32), so the summary is read once. Each
+// lane group loads two pages before computing either, to keep more loads in flight.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(relevancy_detail::kThreads)
+    relevancy_scores_kernel(RelevancyParams p) {
+  using namespace relevancy_detail;
+  extern __shared__ float shared_query[];  // [G, D] then weights [G]
+  const int64_t row = blockIdx.y, b = row / p.kv_heads, kv = row % p.kv_heads;
+  const int64_t group = p.q_heads / p.kv_heads, dim = p.dim;
+  float* shared_weights = shared_query + group * dim;
+  const T* query = static_cast<const T*>(p.query);
+  for (int64_t i = threadIdx.x; i < group * dim; i += blockDim.x) {
+    const int64_t g = i / dim, d = i % dim;
+    shared_query[i] = static_cast<float>(
+        query[b * p.query_stride[0] + (kv * group + g) * p.query_stride[1] + d]);
+  }
+  if (p.mode == RelevancyMode::kIndexer)
+    for (int64_t g = threadIdx.x; g < group; g += blockDim.x)
+      shared_weights[g] = p.weights[b * p.q_heads + kv * group + g];
+  __syncthreads();
+
+  const int64_t limit = valid_pages(p.num_pages, b, p.pages);
+  constexpr int kPagesPerWarp = gpu::kWarpSize / kLanesPerPage;
+  const int warp = threadIdx.x / gpu::kWarpSize, lane = threadIdx.x % gpu::kWarpSize;
+  const int sub = lane % kLanesPerPage;
+  const int64_t warps = blockDim.x / gpu::kWarpSize;
+  const int64_t stride = int64_t(gridDim.x) * warps * 2 * kPagesPerWarp;
+  const T* summary = static_cast<const T*>(p.summary) + b * p.summary_stride[0] +
+                     kv * p.summary_stride[1];
+  // The loop bound is uniform across the warp so that every lane takes part in the shuffles.
+  for (int64_t base = (int64_t(blockIdx.x) * warps + warp) * 2 * kPagesPerWarp; base < limit;
+       base += stride) {
+    const int64_t page_a = base + lane / kLanesPerPage, page_b = page_a + kPagesPerWarp;
+    const bool active_a = page_a < limit, active_b = page_b < limit;
+    const T* rep_a = summary + (active_a ? page_a : 0) * p.summary_stride[2];
+    const T* rep_b = summary + (active_b ? page_b : 0) * p.summary_stride[2];
+    LaneSlice<T, VEC> first_a, second_a, first_b, second_b;
+    load_slice<T, VEC>(rep_a, sub, dim, active_a, first_a);
+    load_slice<T, VEC>(rep_a + p.summary_stride[3], sub, dim, active_a && p.reps >= 2, second_a);
+    load_slice<T, VEC>(rep_b, sub, dim, active_b, first_b);
+    load_slice<T, VEC>(rep_b + p.summary_stride[3], sub, dim, active_b && p.reps >= 2, second_b);
+    const float score_a = score_page<T, VEC>(p, shared_query, shared_weights, group, rep_a,
+                                             first_a, second_a, sub, active_a);
+    const float score_b = score_page<T, VEC>(p, shared_query, shared_weights, group, rep_b,
+                                             first_b, second_b, sub, active_b);
+    if (sub == 0) {
+      if (active_a) p.scores[row * p.pages + page_a] = score_a;
+      if (active_b) p.scores[row * p.pages + page_b] = score_b;
+    }
+  }
+}
+
+namespace select_detail {
+
+constexpr int kThreads = 512;
+constexpr int kItems = 4;  // consecutive pages per thread in the ordered compaction
+constexpr int kDigitBits = 11;
+constexpr int kBins = 1 << kDigitBits;
+constexpr int kWarps = kThreads / gpu::kWarpSize;
+// Rows of up to this many pages keep their keys in shared memory for all passes.
+constexpr int64_t kMaxSharedKeys = 40 * 1024;
+
+// Larger score -> larger key; NaN ranks as -inf; -0 equals +0 (they tie, as in the reference).
+__device__ __forceinline__ uint32_t order_key(float s) {
+  if (s != s) s = -INFINITY;
+  if (s == 0.f) s = 0.f;
+  const uint32_t u = __float_as_uint(s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
+  for (int off = 1; off < gpu::kWarpSize; off *= 2) {
+    const int n = gpu::shfl_up(v, off);
+    if (lane >= off) v += n;
+  }
+  return v;
+}
+
+// Exclusive prefix sum of `v` over the block in thread order; `total` gets the block's sum.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& total) {
+  const int lane = threadIdx.x % gpu::kWarpSize, warp = threadIdx.x / gpu::kWarpSize;
+  const int inclusive = warp_inclusive_scan(v, lane);
+  if (lane == gpu::kWarpSize - 1) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    const int w = lane < kWarps ? warp_sums[lane] : 0;
+    const int w_inclusive = warp_inclusive_scan(w, lane);
+    if (lane < kWarps) warp_sums[lane] = w_inclusive - w;
+    if (lane == kWarps - 1) warp_sums[kWarps] = w_inclusive;
+  }
+  __syncthreads();
+  const int result = warp_sums[warp] + inclusive - v;
+  total = warp_sums[kWarps];
+  __syncthreads();
+  return result;
+}
+
+}  // namespace select_detail
+
+// One block per (b, kv) row. Radix select, 11 bits a pass from the top (3 passes), finds the key
+// of the k'-th best candidate (k' = k minus the forced pages) and how many candidates with
+// exactly that key to take (the lowest page indices: ties go to the lower index). A block-wide
+// ordered compaction then writes the chosen pages in ascending order; the rest of the row is
+// -1 / -inf. Rows that fit keep their keys in shared memory, so the scores are read once.
+__global__ void __launch_bounds__(select_detail::kThreads)
+    select_topk_kernel(SelectParams p, bool keys_in_shared) {
+  using namespace select_detail;
+  extern __shared__ uint32_t shared_keys[];
+  __shared__ unsigned hist[kBins];
+  __shared__ int warp_sums[kWarps + 1];
+  __shared__ uint32_t chosen_bin;
+  __shared__ int chosen_remaining;
+  const int64_t row = blockIdx.x, b = row / p.heads;
+  const float* scores = p.scores + row * p.pages;
+  const int64_t valid = p.num_pages == nullptr ? p.pages
+                                               : min64(max64(p.num_pages[b], 0), p.pages);
+  const int64_t forced = num_forced_pages(valid, p.sink_pages, p.recent_pages);
+  const int64_t candidates = valid - forced;
+  const int64_t budget = max64(p.k - forced, 0);
+  const bool take_all = budget >= candidates;
+  const auto is_candidate = [&](int64_t page) {
+    return page < valid && !is_forced_page(page, valid, p.sink_pages, p.recent_pages);
+  };
+  const auto key_of = [&](int64_t page) {
+    return keys_in_shared ? shared_keys[page] : order_key(scores[page]);
+  };
+  if (keys_in_shared) {
+    for (int64_t page = threadIdx.x; page < valid; page += blockDim.x)
+      shared_keys[page] = order_key(scores[page]);
+    __syncthreads();
+  }
+
+  uint32_t prefix = 0, prefix_mask = 0;
+  int remaining = static_cast<int>(budget);
+  if (budget > 0 && !take_all) {
+    for (int pass = 0; pass < 3; ++pass) {
+      const int shift = pass == 0 ? 32 - kDigitBits : (pass == 1 ? 32 - 2 * kDigitBits : 0);
+      const int bins = pass == 2 ? 1 << (32 - 2 * kDigitBits) : kBins;
+      for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
+      __syncthreads();
+      for (int64_t page = threadIdx.x; page < valid; page += blockDim.x) {
+        if (!is_candidate(page)) continue;
+        const uint32_t key = key_of(page);
+        if ((key & prefix_mask) == prefix)
+          gpu::histogram_add(hist, (key >> shift) & static_cast<uint32_t>(bins - 1));
+      }
+      __syncthreads();
+      // Thread t holds bins_per_thread bins counted from the top; the scan finds the bin where
+      // the count of larger keys reaches `remaining`.
+      const int per_thread = bins / kThreads;
+      const int top = bins - 1 - static_cast<int>(threadIdx.x) * per_thread;
+      int local = 0;
+      for (int j = 0; j < per_thread; ++j) local += hist[top - j];
+      int total;
+      int before = block_exclusive_scan(local, warp_sums, total);
+      if (before < remaining && before + local >= remaining) {
+        for (int j = 0; j < per_thread; ++j) {
+          if (before + static_cast<int>(hist[top - j]) >= remaining) {
+            chosen_bin = static_cast<uint32_t>(top - j);
+            chosen_remaining = remaining - before;
+            break;
+          }
+          before += hist[top - j];
+        }
+      }
+      __syncthreads();
+      prefix |= chosen_bin << shift;
+      prefix_mask |= static_cast<uint32_t>(bins - 1) << shift;
+      remaining = chosen_remaining;
+      __syncthreads();
+    }
+  }
+
+  int64_t written = 0, ties_seen = 0;
+  const int64_t chunk = int64_t(blockDim.x) * kItems;
+  for (int64_t start = 0; start < valid; start += chunk) {
+    const int64_t first = start + int64_t(threadIdx.x) * kItems;
+    uint32_t keys[kItems];
+    bool candidate[kItems];
+    int ties = 0;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      candidate[j] = is_candidate(first + j);
+      keys[j] = candidate[j] ? key_of(first + j) : 0u;
+      ties += candidate[j] && !take_all && budget > 0 && keys[j] == prefix;
+    }
+    int ties_total;
+    int64_t tie_rank = block_exclusive_scan(ties, warp_sums, ties_total) + ties_seen;
+    bool chosen[kItems];
+    int count = 0;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      bool take = first + j < valid && !candidate[j];  // a forced page
+      if (candidate[j]) {
+        if (take_all) {
+          take = true;
+        } else if (budget > 0) {
+          if (keys[j] > prefix) take = true;
+          if (keys[j] == prefix) take = tie_rank++ < remaining;
+        }
+      }
+      chosen[j] = take;
+      count += take;
+    }
+    int count_total;
+    int64_t position = written + block_exclusive_scan(count, warp_sums, count_total);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (!chosen[j]) continue;
+      p.top_indices[row * p.k + position] = static_cast<int32_t>(first + j);
+      p.top_scores[row * p.k + position] = scores[first + j];
+      ++position;
+    }
+    written += count_total;
+    ties_seen += ties_total;
+  }
+  for (int64_t j = forced + min64(budget, candidates) + threadIdx.x; j < p.k; j += blockDim.x) {
+    p.top_indices[row * p.k + j] = -1;
+    p.top_scores[row * p.k + j] = -INFINITY;
+  }
+}
+
+template <typename T, int VEC>
+gpu::Error launch_relevancy_scores(const RelevancyParams& p, int target_blocks,
+                                   gpu::Stream stream) {
+  using namespace relevancy_detail;
+  const int64_t rows = p.batch * p.kv_heads;
+  if (rows == 0 || p.pages == 0) return gpu::kSuccess;
+  const int64_t pages_per_block = 2 * (kThreads / gpu::kWarpSize) * (gpu::kWarpSize / kLanesPerPage);
+  const int64_t blocks_x =
+      max64(1, min64(ceil_div(p.pages, pages_per_block), ceil_div(target_blocks, rows)));
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int shared = static_cast<int>((group * p.dim + group) * sizeof(float));
+  if (shared > 48 * 1024) {
+    const gpu::Error e =
+        gpu::set_max_dynamic_shared(reinterpret_cast<const void*>(&relevancy_scores_kernel<T, VEC>),
+                                    shared);
+    if (e != gpu::kSuccess) return e;
+  }
+  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(rows));
+  relevancy_scores_kernel<T, VEC><<<grid, kThreads, shared, stream>>>(p);
+  return gpu::last_error();
+}
+
+inline gpu::Error launch_select_topk(const SelectParams& p, int64_t rows, gpu::Stream stream) {
+  if (rows == 0) return gpu::kSuccess;
+  const bool keys_in_shared = p.pages <= select_detail::kMaxSharedKeys;
+  const int shared = keys_in_shared ? static_cast<int>(p.pages * sizeof(uint32_t)) : 0;
+  if (shared > 32 * 1024) {
+    const gpu::Error e = gpu::set_max_dynamic_shared(
+        reinterpret_cast<const void*>(&select_topk_kernel), shared);
+    if (e != gpu::kSuccess) return e;
+  }
+  select_topk_kernel<<<static_cast<unsigned>(rows), select_detail::kThreads, shared, stream>>>(
+      p, keys_in_shared);
+  return gpu::last_error();
+}
+
+}  // namespace memops

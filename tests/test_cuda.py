@@ -1,0 +1,534 @@
+"""CUDA backend of every memops op against ``torch_memops.reference`` (fresh random data each run).
+
+Tolerances: data movement (prepare_memory minmax, gather_retrieve) is compared bit-exact. Scores
+and attention are compared with the reference evaluated in float64 on the same (upcast) inputs.
+The kernels accumulate in float32, so float32 results agree to ~1e-5 relative; float16 and
+bfloat16 outputs are rounded once to their dtype, so they agree to a few units of the dtype's
+epsilon (2^-10 and 2^-7). Selections are checked exactly on integer-valued data (every score is
+an exactly representable sum, so ties are real and must go to the lower page index) and by the
+tie-tolerant set rule on random data (see ``assert_valid_selection``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import torch_memops  # noqa: F401  (registers the ops)
+from torch_memops import ops, reference
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.skipif(
+        not torch._C._dispatch_has_kernel_for_dispatch_key("memops::sparse_apply", "CUDA"),
+        reason="torch_memops was built without its CUDA kernels (CPU torch or no nvcc)",
+    ),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Output tolerance per dtype: one rounding of the output to the dtype plus float32 accumulation.
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Scores are float32 sums of D products of dtype values (exact in float32); only the summation
+# order differs from the float64 reference.
+SCORE_RTOL = 1e-5
+
+DEV = "cuda"
+
+
+def strided_view(t: torch.Tensor, extra: int = 5) -> torch.Tensor:
+    """The same values as ``t`` [B, H, S, D], as ``buf[:, :, :S]`` of a larger poisoned buffer."""
+    B, H, S, D = t.shape
+    poison = float("nan") if t.dtype.is_floating_point else 77
+    buf = torch.full((B, H, S + extra, D), poison, dtype=t.dtype, device=t.device)
+    buf[:, :, :S] = t
+    return buf[:, :, :S]
+
+
+def integer_tensor(*shape, dtype, low=-4, high=5):
+    return torch.randint(low, high, shape, device=DEV).to(dtype)
+
+
+def ragged_lens(B: int, S: int) -> torch.Tensor:
+    """Per-row lengths with an empty row, a full row and random ones in between."""
+    lens = torch.randint(1, S + 1, (B,), dtype=torch.int32)
+    lens[0] = 0
+    if B > 1:
+        lens[-1] = S
+    return lens.to(DEV)
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare_memory / prepare_memory_
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["minmax", "mean"])
+@pytest.mark.parametrize("S,P,D", [(100, 16, 64), (7, 16, 40), (64, 8, 36), (33, 1, 128)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_prepare_memory(dtype, mode, S, P, D, ragged):
+    B, H = 3, 2
+    keys = strided_view(torch.randn(B, H, S, D, device=DEV).to(dtype))
+    lens = ragged_lens(B, S) if ragged else None
+    got = ops.prepare_memory(keys, P, mode=mode, seq_lens=lens)
+    want = reference.prepare_memory(keys.cpu(), P, mode=mode,
+                                    seq_lens=None if lens is None else lens.cpu())
+    if mode == "minmax":
+        assert torch.equal(got.cpu(), want)
+    else:
+        # float32 sums in token order, then one rounding to the dtype.
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=OUT_TOL[dtype],
+                                   atol=OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["minmax", "mean"])
+def test_prepare_memory_inplace_touches_only_its_pages(dtype, mode):
+    B, H, S, D, P, first = 2, 3, 90, 64, 16, 3
+    keys = strided_view(torch.randn(B, H, S, D, device=DEV).to(dtype))
+    reps = 2 if mode == "minmax" else 1
+    summary = torch.randn(B, H, 9, reps, D, device=DEV).to(dtype)  # 9 > ceil(90/16) = 6 pages
+    before = summary.clone()
+    ops.prepare_memory_(summary, keys, P, first, mode=mode)
+    full = ops.prepare_memory(keys, P, mode=mode)
+    assert torch.equal(summary[:, :, first:6], full[:, :, first:6])
+    assert torch.equal(summary[:, :, :first], before[:, :, :first])
+    assert torch.equal(summary[:, :, 6:], before[:, :, 6:])
+
+
+# ------------------------------------------------------------------------------------------------
+# topk_relevancy
+# ------------------------------------------------------------------------------------------------
+
+
+def make_relevancy_inputs(mode, B, Hq, Hkv, N, D, dtype, integer):
+    gen = (lambda *s: integer_tensor(*s, dtype=dtype)) if integer else (
+        lambda *s: torch.randn(*s, device=DEV).to(dtype))
+    query = gen(B, Hq, D)
+    weights = None
+    if mode == "indexer":
+        summary = gen(B, 1, N, 1, D)
+        weights = gen(B, Hq).float()
+    elif mode == "bound":
+        a, b = gen(B, Hkv, N, D), gen(B, Hkv, N, D)
+        summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
+    else:
+        summary = gen(B, Hkv, N, 2, D)
+    return query, summary, weights
+
+
+def assert_valid_selection(scores_ref, got_scores, got_idx, k, nvalid, sink, recent):
+    """Tie-tolerant check: the chosen set is a correct top-k when scores equal within tolerance.
+
+    ``scores_ref`` [B, H, N] float64. Per row: indices ascending, unique, in range, padded with
+    -1 at the end; forced pages present; reported scores match the reference; and no unchosen
+    candidate beats a chosen one by more than the tolerance.
+    """
+    scores_ref = scores_ref.double()
+    B, H, _ = scores_ref.shape
+    for b in range(B):
+        nv = nvalid[b]
+        forced = set(range(min(sink, nv))) | set(range(max(nv - recent, 0), nv))
+        expected_count = min(k, nv)
+        for h in range(H):
+            idx = got_idx[b, h].tolist()
+            chosen = [p for p in idx if p >= 0]
+            assert chosen == sorted(set(chosen)) and len(chosen) == expected_count
+            assert all(p == -1 for p in idx[expected_count:])
+            assert all(math.isinf(s) and s < 0 for s in got_scores[b, h, expected_count:].tolist())
+            assert forced <= set(chosen)
+            row = scores_ref[b, h, :nv]
+            tol = SCORE_RTOL * (row.abs().max().item() + 1.0)
+            sel = torch.tensor(chosen, dtype=torch.long)
+            torch.testing.assert_close(got_scores[b, h, :expected_count].double(), row[sel],
+                                       rtol=0, atol=tol)
+            free = [p for p in chosen if p not in forced]
+            rest = sorted(set(range(nv)) - set(chosen))
+            if free and rest:
+                assert row[free].min() >= row[rest].max() - tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["bound", "dot", "indexer"])
+@pytest.mark.parametrize("hq_hkv", [(4, 4), (6, 2), (8, 2), (16, 2)])
+@pytest.mark.parametrize("group_reduce", ["max", "sum"])
+def test_topk_relevancy_exact_on_integer_data(dtype, mode, hq_hkv, group_reduce):
+    Hq, Hkv = hq_hkv
+    if mode == "indexer":
+        Hkv = 1
+    B, N, D, k = 3, 77, 64, 20
+    query, summary, weights = make_relevancy_inputs(mode, B, Hq, Hkv, N, D, dtype, True)
+    num_pages = torch.tensor([N, 0, 13], dtype=torch.int32, device=DEV)
+    args = dict(mode=mode, num_pages=num_pages, sink_pages=2, recent_pages=3,
+                group_reduce=group_reduce, weights=weights)
+    got_s, got_i = ops.topk_relevancy(query, summary, k, **args)
+    want_s, want_i = reference.topk_relevancy(
+        query.cpu(), summary.cpu(), k, **{**args, "num_pages": num_pages.cpu(),
+                                          "weights": None if weights is None else weights.cpu()})
+    assert torch.equal(got_i.cpu(), want_i)
+    assert torch.equal(got_s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["bound", "dot", "indexer"])
+@pytest.mark.parametrize("N,k,sink,recent", [(300, 37, 1, 4), (10, 16, 0, 0), (2000, 512, 4, 8),
+                                             (5000, 1, 0, 0)])
+def test_topk_relevancy_random(dtype, mode, N, k, sink, recent):
+    B, Hq, Hkv, D = 2, 12, 4, 128
+    if mode == "indexer":
+        Hkv = 1
+    query, summary, weights = make_relevancy_inputs(mode, B, Hq, Hkv, N, D, dtype, False)
+    nvalid = [N, max(N // 3, 1)]
+    num_pages = torch.tensor(nvalid, dtype=torch.int32, device=DEV)
+    got_s, got_i = ops.topk_relevancy(query, summary, k, mode=mode, num_pages=num_pages,
+                                      sink_pages=sink, recent_pages=recent, weights=weights)
+    ref = reference.relevancy_scores(query.double(), summary.double(), mode=mode,
+                                     weights=None if weights is None else weights.double())
+    assert_valid_selection(ref.cpu(), got_s.cpu(), got_i.cpu(), k, nvalid, sink, recent)
+
+
+def test_topk_relevancy_strided_inputs_and_nan():
+    B, Hq, Hkv, N, D, k = 2, 8, 2, 200, 64, 30
+    query = torch.randn(B, Hq, 2 * D, device=DEV)[:, :, :D]
+    big = torch.randn(B, Hkv, N + 7, 2, D, device=DEV)
+    big = torch.stack([big.amin(3), big.amax(3)], dim=3)
+    summary = big[:, :, 3 : N + 3]
+    summary[0, 0, 5] = float("nan")  # ranks as -inf; its score is reported as computed
+    got_s, got_i = ops.topk_relevancy(query, summary, k)
+    ref = reference.relevancy_scores(query.double(), summary.double())
+    assert 5 not in got_i[0, 0].tolist()
+    assert_valid_selection(ref.nan_to_num(nan=-math.inf).cpu(), got_s.cpu(), got_i.cpu(), k,
+                           [N, N], 0, 0)
+
+
+def test_topk_relevancy_million_pages_k4096():
+    # Integer data: every score is exact, so the selection must equal the reference's.
+    B, Hq, Hkv, N, D, k = 1, 4, 2, 1 << 20, 16, 4096
+    query, summary, _ = make_relevancy_inputs("bound", B, Hq, Hkv, N, D, torch.bfloat16, True)
+    got_s, got_i = ops.topk_relevancy(query, summary, k, sink_pages=1, recent_pages=64)
+    scores = reference.relevancy_scores(query, summary)
+    want_s, want_i = reference.select_topk(scores.cpu(), k, sink_pages=1, recent_pages=64)
+    assert torch.equal(got_i.cpu(), want_i)
+    assert torch.equal(got_s.cpu(), want_s)
+
+
+def test_topk_relevancy_out_of_range_num_pages_is_clamped():
+    # CUDA does not read num_pages back (no host sync): values outside [0, N] are clamped.
+    B, Hq, Hkv, N, D, k = 2, 4, 2, 50, 32, 8
+    query, summary, _ = make_relevancy_inputs("bound", B, Hq, Hkv, N, D, torch.float32, True)
+    bad = torch.tensor([N + 100, -5], dtype=torch.int32, device=DEV)
+    good = torch.tensor([N, 0], dtype=torch.int32, device=DEV)
+    got = ops.topk_relevancy(query, summary, k, num_pages=bad)
+    want = ops.topk_relevancy(query, summary, k, num_pages=good)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# gather_retrieve
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int8, torch.float64])
+@pytest.mark.parametrize("S,P,D", [(100, 16, 64), (5, 16, 8), (70, 7, 3)])
+def test_gather_retrieve_bit_exact(dtype, S, P, D):
+    B, H, k = 3, 2, 6
+    memory = strided_view((torch.randn(B, H, S, D, device=DEV) * 50).to(dtype))
+    N = -(-S // P)
+    idx = torch.randint(-1, N, (B, H, k), dtype=torch.int32)
+    idx = torch.sort(torch.where(idx < 0, N + 1, idx), dim=-1).values
+    idx = torch.where(idx > N, -1, idx).to(torch.int32).to(DEV)
+    lens = ragged_lens(B, S)
+    got, got_len = ops.gather_retrieve(memory, idx, P, seq_lens=lens)
+    want, want_len = reference.gather_retrieve(memory.cpu(), idx.cpu(), P, seq_lens=lens.cpu())
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(got_len.cpu(), want_len)
+
+
+def test_gather_retrieve_out_of_range_index_is_padding():
+    B, H, S, D, P = 1, 2, 64, 16, 16
+    memory = torch.randn(B, H, S, D, device=DEV)
+    idx = torch.tensor([[[0, 99], [1, -7]]], dtype=torch.int32, device=DEV)
+    pad = torch.tensor([[[0, -1], [1, -1]]], dtype=torch.int32, device=DEV)
+    got = ops.gather_retrieve(memory, idx, P)
+    want = ops.gather_retrieve(memory, pad, P)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse_apply
+# ------------------------------------------------------------------------------------------------
+
+
+def sorted_page_indices(B, H, k, N, pad_from=None):
+    """Ascending unique page indices [B, H, k], -1 padding at the end of some rows."""
+    rows = []
+    for _ in range(B * H):
+        take = min(k, N)
+        row = torch.randperm(N)[:take].sort().values
+        if pad_from is not None:
+            row[pad_from:] = -1
+        rows.append(torch.cat([row, torch.full((k - take,), -1)]))
+    return torch.stack(rows).view(B, H, k).to(torch.int32).to(DEV)
+
+
+def check_attention(query, k_cache, v_cache, idx, P, lens, scale=None):
+    out, lse = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens, scale=scale)
+    want_out, want_lse = reference.sparse_apply(
+        query.cpu(), k_cache.cpu(), v_cache.cpu(), None if idx is None else idx.cpu(), P,
+        seq_lens=None if lens is None else lens.cpu(), scale=scale, compute_dtype=torch.float64)
+    tol = OUT_TOL[query.dtype]
+    torch.testing.assert_close(out.cpu().double(), want_out.double(), rtol=tol, atol=tol)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu()[finite], want_lse[finite], rtol=1e-5, atol=1e-5)
+    assert torch.all(out.cpu()[~finite] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq_hkv", [(4, 4), (6, 2), (8, 2), (16, 2), (7, 1)])
+@pytest.mark.parametrize("index_heads", ["kv", "q", "dense"])
+def test_sparse_apply(dtype, hq_hkv, index_heads):
+    Hq, Hkv = hq_hkv
+    B, S, D, P, k = 3, 300, 128, 16, 7
+    N = -(-S // P)
+    query = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    k_cache = strided_view(torch.randn(B, Hkv, S, D, device=DEV).to(dtype))
+    v_cache = strided_view(torch.randn(B, Hkv, S, D, device=DEV).to(dtype))
+    idx = None
+    if index_heads != "dense":
+        idx = sorted_page_indices(B, Hkv if index_heads == "kv" else Hq, k, N, pad_from=5)
+    check_attention(query, k_cache, v_cache, idx, P, ragged_lens(B, S))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,P,D", [(5, 16, 64), (77, 5, 36), (1000, 16, 256), (40, 16, 8)])
+def test_sparse_apply_shapes(dtype, S, P, D):
+    B, Hq, Hkv = 2, 8, 4
+    N = -(-S // P)
+    query = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV).to(dtype)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV).to(dtype)
+    idx = sorted_page_indices(B, Hkv, N + 2, N)
+    check_attention(query, k_cache, v_cache, idx, P, None, scale=0.3)
+    check_attention(query, k_cache, v_cache, None, P, None)
+
+
+def test_sparse_apply_dense_long_context_splits():
+    B, Hq, Hkv, S, D = 1, 32, 8, 20000, 128
+    query = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    out, lse = ops.sparse_apply(query, k_cache, v_cache, None, 16)
+    logits = torch.einsum("bhd,bhsd->bhs", query.double(),
+                          k_cache.double().repeat_interleave(Hq // Hkv, 1)) * D**-0.5
+    want = torch.einsum("bhs,bhsd->bhd", logits.softmax(-1),
+                        v_cache.double().repeat_interleave(Hq // Hkv, 1))
+    torch.testing.assert_close(out.double(), want, rtol=OUT_TOL[torch.bfloat16],
+                               atol=OUT_TOL[torch.bfloat16])
+    torch.testing.assert_close(lse.double(), logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_apply_out_of_range_indices_are_padding():
+    B, Hq, Hkv, S, D, P = 1, 4, 2, 64, 32, 16
+    query = torch.randn(B, Hq, D, device=DEV)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV)
+    idx = torch.tensor([[[0, 2, 40], [1, -9, 3]]], dtype=torch.int32, device=DEV)
+    pad = torch.tensor([[[0, 2, -1], [1, -1, 3]]], dtype=torch.int32, device=DEV)
+    got = ops.sparse_apply(query, k_cache, v_cache, idx, P)
+    want = ops.sparse_apply(query, k_cache, v_cache, pad, P)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_sparse_apply_seq_lens_out_of_range_is_clamped():
+    B, Hq, Hkv, S, D, P = 2, 4, 2, 64, 32, 16
+    query = torch.randn(B, Hq, D, device=DEV)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV)
+    bad = torch.tensor([S + 1000, -3], dtype=torch.int32, device=DEV)
+    good = torch.tensor([S, 0], dtype=torch.int32, device=DEV)
+    got = ops.sparse_apply(query, k_cache, v_cache, None, P, seq_lens=bad)
+    want = ops.sparse_apply(query, k_cache, v_cache, None, P, seq_lens=good)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# merge_attention
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attention(dtype):
+    rows, D = (3, 5), 72
+    out_a = torch.randn(*rows, D, device=DEV).to(dtype)
+    out_b = torch.randn(*rows, D, device=DEV).to(dtype)
+    lse_a = torch.randn(*rows, device=DEV) * 4
+    lse_b = torch.randn(*rows, device=DEV) * 4
+    lse_a[0, 0] = -math.inf
+    lse_a[1, 1] = lse_b[1, 1] = -math.inf
+    out, lse = ops.merge_attention(out_a, lse_a, out_b, lse_b)
+    want_out, want_lse = reference.merge_attention(out_a.cpu(), lse_a.cpu(), out_b.cpu(),
+                                                   lse_b.cpu())
+    tol = OUT_TOL[dtype]
+    torch.testing.assert_close(out.cpu().float(), want_out.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors, opcheck, compile, CUDA graphs, 64-bit indexing
+# ------------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+    q = torch.randn(1, 4, 512, device=DEV)
+    cache = torch.randn(1, 2, 32, 512, device=DEV)
+    with pytest.raises(RuntimeError, match="head dims D <= 256"):
+        ops.sparse_apply(q, cache, cache, None, 16)
+    with pytest.raises(RuntimeError, match="`k_cache` is on"):
+        ops.sparse_apply(q[..., :64], cache[..., :64].cpu(), cache[..., :64], None, 16)
+    with pytest.raises(ValueError, match="`k` must be > 0"):
+        ops.topk_relevancy(q[..., :64], torch.randn(1, 2, 8, 2, 64, device=DEV), 0)
+
+
+def _opcheck_cases():
+    q = torch.randn(2, 8, 64, device=DEV)
+    keys = torch.randn(2, 2, 50, 64, device=DEV)
+    summary = reference.prepare_memory(keys.cpu(), 16).to(DEV)
+    idx = torch.tensor([[[0, 2], [1, 3]], [[1, -1], [0, 3]]], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([50, 20], dtype=torch.int32, device=DEV)
+    lse = torch.randn(2, 8, device=DEV)
+    return [
+        (torch.ops.memops.prepare_memory.default, (keys, 16), {"seq_lens": lens}),
+        (torch.ops.memops.prepare_memory_.default, (summary.clone(), keys, 16, 1), {}),
+        (torch.ops.memops.topk_relevancy.default, (q, summary, 3), {"sink_pages": 1}),
+        (torch.ops.memops.gather_retrieve.default, (keys, idx, 16), {"seq_lens": lens}),
+        (torch.ops.memops.sparse_apply.default, (q, keys, keys, idx, 16), {"seq_lens": lens}),
+        (torch.ops.memops.merge_attention.default, (q, lse, q.flip(0), lse.flip(0)), {}),
+    ]
+
+
+# torch 2.11's auto_functionalized_v2 takes a parameter named `mode`, which clashes with the
+# `mode` argument of the mutable prepare_memory_ ("got multiple values for argument 'mode'",
+# seen on the H200 machine); only the AOT-dispatch check of that op is affected.
+AUTO_FUNCTIONALIZE_CLASH = "torch's auto_functionalized_v2 clashes with prepare_memory_'s `mode`"
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case):
+    op, args, kwargs = _opcheck_cases()[case]
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+    if op is torch.ops.memops.prepare_memory_.default:
+        utils = utils[:-1]
+    torch.library.opcheck(op, args, kwargs, test_utils=utils)
+
+
+@pytest.mark.xfail(strict=True, raises=Exception, reason=AUTO_FUNCTIONALIZE_CLASH)
+def test_opcheck_prepare_memory_inplace_aot_dispatch():
+    op, args, kwargs = _opcheck_cases()[1]
+    torch.library.opcheck(op, args, kwargs, test_utils="test_aot_dispatch_dynamic")
+
+
+def decode_step(query, k_cache, v_cache, summary, lens, first_page, P, budget_pages, out_b,
+                lse_b):
+    ops.prepare_memory_(summary, k_cache, P, first_page, seq_lens=lens)
+    _, idx = ops.topk_relevancy(query, summary, budget_pages, sink_pages=1, recent_pages=2)
+    out, lse = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+    return ops.merge_attention(out, lse, out_b, lse_b)
+
+
+def _decode_inputs(B=2, Hq=8, Hkv=2, S=512, D=64, P=16, dtype=torch.bfloat16):
+    N = S // P
+    return dict(
+        query=torch.randn(B, Hq, D, device=DEV, dtype=dtype),
+        k_cache=torch.randn(B, Hkv, S, D, device=DEV, dtype=dtype),
+        v_cache=torch.randn(B, Hkv, S, D, device=DEV, dtype=dtype),
+        summary=torch.randn(B, Hkv, N, 2, D, device=DEV, dtype=dtype),
+        lens=torch.randint(S // 2, S + 1, (B,), dtype=torch.int32, device=DEV),
+        out_b=torch.randn(B, Hq, D, device=DEV, dtype=dtype),
+        lse_b=torch.randn(B, Hq, device=DEV),
+    )
+
+
+def test_cuda_graph_decode_step_replays_with_new_data():
+    static = _decode_inputs()
+    eager_inputs = {k: v.clone() for k, v in static.items()}
+    ops.prepare_memory_(eager_inputs["summary"], eager_inputs["k_cache"], 16, 0)
+    ops.prepare_memory_(static["summary"], static["k_cache"], 16, 0)
+    args = dict(first_page=0, P=16, budget_pages=8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode_step(**static, **args)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_lse = decode_step(**static, **args)
+    for _ in range(2):
+        fresh = _decode_inputs()
+        for name, value in fresh.items():
+            static[name].copy_(value)
+        graph.replay()
+        want_out, want_lse = decode_step(**{k: v.clone() for k, v in fresh.items()}, **args)
+        assert torch.equal(graph_out, want_out)
+        assert torch.equal(graph_lse, want_lse)
+
+
+def select_and_apply(query, k_cache, v_cache, summary, lens, P, budget_pages, out_b, lse_b):
+    _, idx = ops.topk_relevancy(query, summary, budget_pages, sink_pages=1, recent_pages=2)
+    out, lse = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+    return ops.merge_attention(out, lse, out_b, lse_b)
+
+
+def test_torch_compile_fullgraph_decode_step():
+    inputs = _decode_inputs()
+    ops.prepare_memory_(inputs["summary"], inputs["k_cache"], 16, 0)
+    eager = select_and_apply(**inputs, P=16, budget_pages=8)
+    compiled = torch.compile(select_and_apply, fullgraph=True)
+    got = compiled(**inputs, P=16, budget_pages=8)
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+@pytest.mark.xfail(strict=True, raises=Exception, reason=AUTO_FUNCTIONALIZE_CLASH)
+def test_torch_compile_prepare_memory_inplace():
+    inputs = _decode_inputs()
+    compiled = torch.compile(ops.prepare_memory_, fullgraph=True)
+    compiled(inputs["summary"], inputs["k_cache"], 16, 0, seq_lens=inputs["lens"])
+
+
+def test_cache_over_2_pow_31_elements():
+    # 4 x 8 x 524304 x 128 bf16 = 2^31 + 16384 elements (4 GiB) per cache: element offsets of
+    # the last batch row exceed int32.
+    B, Hkv, Hq, S, D, P = 4, 8, 32, (1 << 19) + 16, 128, 16
+    free, _ = torch.cuda.mem_get_info()
+    need = 2 * B * Hkv * S * D * 2 + (1 << 30)
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
+    assert B * Hkv * S * D > 2**31
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    query = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16)
+    N = -(-S // P)
+    pages = torch.tensor([0, N - 3, N - 2, N - 1], dtype=torch.int32)
+    idx = pages.view(1, 1, -1).expand(B, Hkv, -1).contiguous().to(DEV)
+    out, lse = ops.sparse_apply(query, k_cache, v_cache, idx, P)
+    tokens = torch.cat([torch.arange(p * P, min((p + 1) * P, S)) for p in pages.tolist()]).to(DEV)
+    b = B - 1
+    k_sel, v_sel = k_cache[b:, :, tokens].cpu(), v_cache[b:, :, tokens].cpu()
+    want_out, want_lse = reference.sparse_apply(query[b:].cpu(), k_sel, v_sel, None, P,
+                                                compute_dtype=torch.float64)
+    tol = OUT_TOL[torch.bfloat16]
+    torch.testing.assert_close(out[b:].cpu().double(), want_out.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse[b:].cpu(), want_lse, rtol=1e-5, atol=1e-5)
+
+    got, lengths = ops.gather_retrieve(k_cache, idx, P)  # slots: pages 0, N-3, N-2, N-1
+    assert torch.equal(got[b:, :, P:].cpu(), k_cache[b:, :, (N - 3) * P :].cpu())
+    assert torch.all(lengths == 4 * P)
+
+    summary = torch.empty(B, Hkv, N, 2, D, device=DEV, dtype=torch.bfloat16)
+    ops.prepare_memory_(summary, k_cache, P, N - 2)
+    last = k_cache[b:, :, (N - 2) * P :].cpu()
+    assert torch.equal(summary[b:, :, N - 2, 0].cpu(), last[:, :, :P].amin(2))
+    assert torch.equal(summary[b:, :, N - 1, 1].cpu(), last[:, :, P:].amax(2))

@@ -1,0 +1,47 @@
+// Instantiates every GPU kernel of csrc/include/memops/*.cuh for every element type with the
+// toolkit's own 16-bit types and no torch headers. tools/hip_compile_check.sh compiles it with
+// hipcc for AMD GPUs; nvcc compiles it too. It proves that the kernel sources are portable.
+#include "memops/gather_retrieve.cuh"
+#include "memops/merge_attention.cuh"
+#include "memops/prepare_memory.cuh"
+#include "memops/sparse_apply.cuh"
+#include "memops/topk_relevancy.cuh"
+
+namespace memops {
+
+// Counts launches that report an error (all of them when no GPU is present); the count is
+// returned so that nothing is discarded.
+template <typename T, int VEC>
+int instantiate_per_type() {
+  gpu::Stream stream{};
+  int failed = 0;
+  failed += launch_prepare_memory<T, VEC>(PrepareMemoryParams{}, 1, stream) != gpu::kSuccess;
+  failed += launch_relevancy_scores<T, VEC>(RelevancyParams{}, 1, stream) != gpu::kSuccess;
+  failed += launch_sparse_apply<T, VEC, 1>(SparseApplyParams{}, stream) != gpu::kSuccess;
+  failed += launch_sparse_apply<T, VEC, 4>(SparseApplyParams{}, stream) != gpu::kSuccess;
+  failed += launch_sparse_apply<T, VEC, 8>(SparseApplyParams{}, stream) != gpu::kSuccess;
+  return failed;
+}
+
+template <typename T>
+int instantiate_all_widths() {
+  int failed = instantiate_per_type<T, 16 / sizeof(T)>() + instantiate_per_type<T, 1>();
+  failed +=
+      launch_merge_attention<T>(MergeAttentionParams{}, 1, gpu::Stream{}) != gpu::kSuccess;
+  return failed;
+}
+
+int instantiate_all() {
+  int failed = instantiate_all_widths<float>() + instantiate_all_widths<gpu::Half>() +
+               instantiate_all_widths<gpu::BFloat16>();
+  const gpu::Stream stream{};
+  failed += launch_select_topk(SelectParams{}, 0, stream) != gpu::kSuccess;
+  failed += launch_gather_retrieve<unsigned char>(GatherRetrieveParams{}, 1, stream) !=
+            gpu::kSuccess;
+  failed += launch_gather_retrieve<uint4>(GatherRetrieveParams{}, 1, stream) != gpu::kSuccess;
+  return failed;
+}
+
+}  // namespace memops
+
+int main() { return memops::instantiate_all() >= 0 ? 0 : 1; }
