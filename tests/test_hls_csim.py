@@ -2,6 +2,8 @@
 ``torch_memops/reference.py`` and builds each kernel's testbench with g++ and the vendor
 ``ap_int.h`` / ``hls_stream.h`` (from hls4ml); every testbench must report 0 errors."""
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,3 +38,16 @@ def test_csim_testbench_reports_zero_errors(csim_build, kernel):
     assert result.returncode == 0, result.stdout
     assert result.stdout.strip().splitlines()[-1] == "errors: 0"
     assert " 0 errors" in result.stdout
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_qor_names_the_kernel_and_its_loops(kernel):
+    qor = json.loads((HLS / kernel / "qor.json").read_text())
+    source = (HLS / kernel / f"{kernel}.cpp").read_text()
+    assert qor["kernel"] == f"memops_{kernel}"
+    assert f'extern "C" void {qor["kernel"]}(' in source
+    assert qor["target_clock_mhz"] == 300
+    for stage in qor["dataflow"]:
+        assert re.search(rf"\b{stage}\(", source), stage
+    for label in qor["loops"]:
+        assert re.search(rf"^\s*{label}:", source, re.MULTILINE), label

@@ -52,7 +52,12 @@ std::unique_ptr<Runtime> choose_runtime(void (*notice)(const std::string&)) {
 Runtime& runtime(void (*notice)(const std::string&)) {
   static std::once_flag once;
   static std::unique_ptr<Runtime> chosen;
-  std::call_once(once, [&] { chosen = choose_runtime(notice); });
+  std::call_once(once, [&] {
+    std::unique_ptr<Runtime> candidate = choose_runtime(notice);
+    const char* xclbin = std::getenv("TORCH_MEMOPS_XCLBIN");
+    if (xclbin != nullptr && *xclbin != '\0') candidate->load_xclbin(xclbin);
+    chosen = std::move(candidate);
+  });
   return *chosen;
 }
 

@@ -73,7 +73,8 @@ void check_bank(int bank);
 
 // The process-wide runtime, chosen on first use: TORCH_MEMOPS_FPGA=emulation or =xrt forces one;
 // otherwise native XRT when it was built and a card is present, else emulation (with a one-time
-// notice through `notice`, which receives the message).
+// notice through `notice`, which receives the message). TORCH_MEMOPS_XCLBIN, when set, is
+// loaded right away.
 Runtime& runtime(void (*notice)(const std::string&) = nullptr);
 
 std::unique_ptr<Runtime> make_emulation_runtime();
