@@ -62,28 +62,17 @@ class EmulatedBuffer final : public BufferObject {
   int bank() const override { return bank_; }
   BufferKind kind() const override { return kind_; }
 
-  void* map() override {
-    if (kind_ == BufferKind::kDeviceOnly)
-      throw std::runtime_error(
-          "cannot map a device-only buffer object: it has no host copy (xrt::bo::flags::"
-          "device_only); copy it into a normal buffer object on the device first");
-    return host_.get();
-  }
+  char* device_data() { return device_.get(); }
 
-  void sync(SyncDirection direction, size_t bytes, size_t offset) override {
-    if (kind_ == BufferKind::kDeviceOnly)
-      throw std::runtime_error("cannot sync a device-only buffer object: it has no host copy");
-    if (offset > bytes_ || bytes > bytes_ - offset)
-      throw std::runtime_error("sync of bytes [" + std::to_string(offset) + ", " +
-                               std::to_string(offset + bytes) + ") is outside the buffer of " +
-                               std::to_string(bytes_) + " bytes");
+ protected:
+  void* map_host_copy() override { return host_.get(); }
+
+  void sync_range(SyncDirection direction, size_t bytes, size_t offset) override {
     if (direction == SyncDirection::kToDevice)
       std::memcpy(device_.get() + offset, host_.get() + offset, bytes);
     else
       std::memcpy(host_.get() + offset, device_.get() + offset, bytes);
   }
-
-  char* device_data() { return device_.get(); }
 
  private:
   size_t bytes_;

@@ -20,31 +20,23 @@ namespace {
 
 class NativeBuffer final : public BufferObject {
  public:
-  NativeBuffer(xrt::bo bo, int bank, BufferKind kind) : bo_(std::move(bo)), bank_(bank), kind_(kind) {}
+  NativeBuffer(xrt::bo bo, int bank, BufferKind kind)
+      : bo_(std::move(bo)), bank_(bank), kind_(kind) {}
 
   size_t size() const override { return bo_.size(); }
   int bank() const override { return bank_; }
   BufferKind kind() const override { return kind_; }
 
-  void* map() override {
-    if (kind_ == BufferKind::kDeviceOnly)
-      throw std::runtime_error(
-          "cannot map a device-only buffer object: it has no host copy (xrt::bo::flags::"
-          "device_only); copy it into a normal buffer object on the device first");
-    return bo_.map();
-  }
+  xrt::bo& bo() { return bo_; }
 
-  void sync(SyncDirection direction, size_t bytes, size_t offset) override {
-    if (kind_ == BufferKind::kDeviceOnly)
-      throw std::runtime_error("cannot sync a device-only buffer object: it has no host copy");
-    if (offset > size() || bytes > size() - offset)
-      throw std::runtime_error("sync outside the buffer object");
+ protected:
+  void* map_host_copy() override { return bo_.map(); }
+
+  void sync_range(SyncDirection direction, size_t bytes, size_t offset) override {
     bo_.sync(direction == SyncDirection::kToDevice ? XCL_BO_SYNC_BO_TO_DEVICE
                                                    : XCL_BO_SYNC_BO_FROM_DEVICE,
              bytes, offset);
   }
-
-  xrt::bo& bo() { return bo_; }
 
  private:
   xrt::bo bo_;

@@ -15,6 +15,24 @@ void check_bank(int bank) {
                              std::to_string(kHbmBanks - 1));
 }
 
+void* BufferObject::map() {
+  if (kind() == BufferKind::kDeviceOnly)
+    throw std::runtime_error(
+        "cannot map a device-only buffer object: it has no host copy (xrt::bo::flags::"
+        "device_only); copy it into a normal buffer object on the device first");
+  return map_host_copy();
+}
+
+void BufferObject::sync(SyncDirection direction, size_t bytes, size_t offset) {
+  if (kind() == BufferKind::kDeviceOnly)
+    throw std::runtime_error("cannot sync a device-only buffer object: it has no host copy");
+  if (offset > size() || bytes > size() - offset)
+    throw std::runtime_error("sync of bytes [" + std::to_string(offset) + ", " +
+                             std::to_string(offset + bytes) + ") is outside the buffer of " +
+                             std::to_string(size()) + " bytes");
+  sync_range(direction, bytes, offset);
+}
+
 namespace {
 
 std::unique_ptr<Runtime> choose_runtime(void (*notice)(const std::string&)) {

@@ -28,6 +28,8 @@ enum class BufferKind {
   kDeviceOnly,  // device copy only (xrt::bo::flags::device_only): cannot be mapped or synced
 };
 
+// A buffer object. map() and sync() enforce the rules that both implementations share (no host
+// copy for device-only buffers, ranges inside the buffer) and then call the implementation.
 class BufferObject {
  public:
   virtual ~BufferObject() = default;
@@ -35,9 +37,13 @@ class BufferObject {
   virtual int bank() const = 0;
   virtual BufferKind kind() const = 0;
   // The host copy. Throws std::runtime_error for device-only buffers.
-  virtual void* map() = 0;
+  void* map();
   // Copies [offset, offset + bytes) between the host copy and the device copy.
-  virtual void sync(SyncDirection direction, size_t bytes, size_t offset) = 0;
+  void sync(SyncDirection direction, size_t bytes, size_t offset);
+
+ protected:
+  virtual void* map_host_copy() = 0;
+  virtual void sync_range(SyncDirection direction, size_t bytes, size_t offset) = 0;
 };
 
 // A kernel argument: a buffer object (the kernel sees its device copy) or a 64-bit scalar.

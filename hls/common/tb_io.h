@@ -70,8 +70,21 @@ inline int64_t count_byte_errors(const std::string& what, const void* actual,
   return errors;
 }
 
-// The testbench's exit status is its error count (capped at 255, the largest exit status).
-inline int exit_code(int64_t errors) {
+// The testbench's main: `check_case(name, dir)` returns the error count of one golden case; every
+// case of argv[1] runs. The exit status is the total error count (capped at 255, the largest
+// exit status).
+template <typename CheckCase>
+int run_cases(int argc, char** argv, CheckCase check_case) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s GOLDEN_DIR/<kernel>\n", argv[0]);
+    return 255;
+  }
+  int64_t errors = 0;
+  for (const std::string& name : read_cases(argv[1])) {
+    const int64_t case_errors = check_case(name, std::string(argv[1]) + "/" + name);
+    std::printf("%s: %lld errors\n", name.c_str(), static_cast<long long>(case_errors));
+    errors += case_errors;
+  }
   std::printf("errors: %lld\n", static_cast<long long>(errors));
   return static_cast<int>(errors < 255 ? errors : 255);
 }

@@ -6,13 +6,7 @@
 
 int main(int argc, char** argv) {
   using namespace memops_tb;
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s GOLDEN_DIR/gather_retrieve\n", argv[0]);
-    return 2;
-  }
-  int64_t errors = 0;
-  for (const std::string& name : read_cases(argv[1])) {
-    const std::string dir = std::string(argv[1]) + "/" + name;
+  return run_cases(argc, argv, [](const std::string& name, const std::string& dir) -> int64_t {
     Params p = read_params(dir);
     const int64_t row_words = p["dim"] * p["elem_bytes"] / 64;
     const int64_t B = p["batch"], H = p["heads"], k = p["k"], P = p["page_size"];
@@ -29,11 +23,7 @@ int main(int argc, char** argv) {
                            lengths.data(), 0, 0, 0, 0, 0, B, H, row_words, k, P,
                            H * p["buffer_tokens"] * row_words, p["buffer_tokens"] * row_words,
                            row_words, H * k, k, 1);
-    const int64_t case_errors =
-        count_byte_errors(name + " out", out.data(), expected_out, p["elem_bytes"]) +
+    return count_byte_errors(name + " out", out.data(), expected_out, p["elem_bytes"]) +
         count_byte_errors(name + " lengths", lengths.data(), expected_lengths, 4);
-    std::printf("%s: %lld errors\n", name.c_str(), static_cast<long long>(case_errors));
-    errors += case_errors;
-  }
-  return exit_code(errors);
+  });
 }

@@ -5,13 +5,7 @@
 
 int main(int argc, char** argv) {
   using namespace memops_tb;
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s GOLDEN_DIR/prepare_memory\n", argv[0]);
-    return 2;
-  }
-  int64_t errors = 0;
-  for (const std::string& name : read_cases(argv[1])) {
-    const std::string dir = std::string(argv[1]) + "/" + name;
+  return run_cases(argc, argv, [](const std::string& name, const std::string& dir) -> int64_t {
     Params p = read_params(dir);
     const int64_t elem = p["dtype"] == memops_hls::kFloat32 ? 4 : 2;
     const int64_t row_words = p["dim"] * elem / 64;
@@ -25,9 +19,6 @@ int main(int argc, char** argv) {
                           H * p["buffer_tokens"] * row_words, p["buffer_tokens"] * row_words,
                           row_words, H * N * R * row_words, N * R * row_words, R * row_words,
                           row_words, p["mode"], p["dtype"]);
-    const int64_t case_errors = count_byte_errors(name, summary.data(), expected, elem);
-    std::printf("%s: %lld errors\n", name.c_str(), static_cast<long long>(case_errors));
-    errors += case_errors;
-  }
-  return exit_code(errors);
+    return count_byte_errors(name, summary.data(), expected, elem);
+  });
 }

@@ -8,13 +8,7 @@
 
 int main(int argc, char** argv) {
   using namespace memops_tb;
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s GOLDEN_DIR/topk_relevancy\n", argv[0]);
-    return 2;
-  }
-  int64_t errors = 0;
-  for (const std::string& name : read_cases(argv[1])) {
-    const std::string dir = std::string(argv[1]) + "/" + name;
+  return run_cases(argc, argv, [](const std::string& name, const std::string& dir) -> int64_t {
     Params p = read_params(dir);
     const int64_t elem = p["dtype"] == memops_hls::kFloat32 ? 4 : 2;
     const int64_t row_words = p["dim"] * elem / 64;
@@ -46,8 +40,6 @@ int main(int argc, char** argv) {
         ++case_errors;
       }
     }
-    std::printf("%s: %lld errors\n", name.c_str(), static_cast<long long>(case_errors));
-    errors += case_errors;
-  }
-  return exit_code(errors);
+    return case_errors;
+  });
 }
