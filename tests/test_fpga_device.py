@@ -122,6 +122,10 @@ def test_copy_between_fpga_tensors():
     h = torch.empty(32, 9, device="fpga").t()
     h.copy_(f)  # strided destination: staged through the host
     assert torch.equal(h.cpu(), x)
+    row = torch.randn(32)
+    h.copy_(row)  # broadcast from the CPU
+    assert torch.equal(h.cpu(), row.expand(9, 32))
+    assert torch.equal(torch.empty(9, 32).copy_(f[0]), x[0].expand(9, 32))
 
 
 def test_only_device_zero_exists():

@@ -36,24 +36,23 @@ BufferRegistry& registry() {
   return r;
 }
 
+// Device-only buffers have no host copy; their storage's data pointer is the buffer object
+// itself, an address that is unique and never dereferenced (every host access checks the kind).
+void* storage_data(BufferObject* bo) {
+  return bo->kind() == BufferKind::kNormal ? bo->map() : static_cast<void*>(bo);
+}
+
 void delete_buffer(void* context) {
   auto* bo = static_cast<BufferObject*>(context);
   {
     std::lock_guard<std::mutex> lock(registry().mutex);
-    for (auto it = registry().by_data.begin(); it != registry().by_data.end(); ++it) {
-      if (it->second == bo) {
-        registry().by_data.erase(it);
-        break;
-      }
-    }
+    registry().by_data.erase(storage_data(bo));
   }
   delete bo;
 }
 
-// Device-only buffers have no host copy; their storage's data pointer is the buffer object
-// itself, an address that is unique and never dereferenced (every host access checks the kind).
 c10::DataPtr wrap_buffer(std::unique_ptr<BufferObject> bo) {
-  void* data = bo->kind() == BufferKind::kNormal ? bo->map() : static_cast<void*>(bo.get());
+  void* data = storage_data(bo.get());
   BufferObject* raw = bo.release();
   {
     std::lock_guard<std::mutex> lock(registry().mutex);
@@ -139,8 +138,7 @@ at::Tensor read_to_cpu(const at::Tensor& src) {
 }
 
 at::Tensor copy_from_fpga(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
-  TORCH_CHECK(self.sizes() == dst.sizes() || self.numel() == dst.numel() || self.dim() == 0,
-              "fpga: copy between shapes ", self.sizes(), " and ", dst.sizes());
+  // Broadcasting and dtype conversion are left to the CPU-side copy_.
   if (dst.numel() == 0) return dst;
   if (self.is_cpu() && is_fpga(dst)) {
     write_from_cpu(dst, self);
