@@ -229,6 +229,9 @@ def test_layout_and_limits_raise_before_any_write():
     summary = torch.randn(1, 1, 3000, 1, 16).to("fpga")
     with pytest.raises(ValueError, match="`k` must be <= 2048"):
         ops.topk_relevancy(torch.randn(1, 1, 16).to("fpga"), summary, 2049, mode="dot")
+    with pytest.raises(ValueError, match="at most 64 query heads per kv head"):
+        ops.topk_relevancy(torch.randn(1, 66, 16).to("fpga"),
+                           torch.randn(1, 1, 4, 1, 16).to("fpga"), 2, mode="dot")
     poison = torch.full((1, 1, 4, 2, 16), 5.0)
     target = poison.to("fpga")
     with pytest.raises(ValueError, match="seq_lens"):

@@ -163,9 +163,10 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_fpga(
                     memops_hls::kMaxPages, " pages N (the kernel's score buffer), got ", N);
   TORCH_CHECK_VALUE(R <= memops_hls::kMaxReps, "memops.", op, " on fpga: at most ",
                     memops_hls::kMaxReps, " representatives R per page, got ", R);
-  TORCH_CHECK_VALUE((Hq / Hkv) * D <= memops_hls::kMaxQueryElems, "memops.", op,
-                    " on fpga: (Hq / Hkv) * D must be <= ", memops_hls::kMaxQueryElems,
-                    " (the kernel's query buffer), got ", (Hq / Hkv) * D);
+  TORCH_CHECK_VALUE(Hq / Hkv <= memops_hls::kMaxQueryHeads, "memops.", op,
+                    " on fpga: at most ", memops_hls::kMaxQueryHeads,
+                    " query heads per kv head (Hq / Hkv, the kernel's query buffer), got ",
+                    Hq / Hkv);
   const RelevancyMode m = parse_relevancy_mode(op, mode_s);
   const GroupReduce reduce = parse_group_reduce(op, reduce_s);
   const at::Tensor pages = int_vector_or(num_pages, query, B, N);

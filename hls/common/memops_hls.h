@@ -39,7 +39,7 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kMaxHeadDim = 256;          // D
 constexpr int kMaxLanes = 32;             // 16-bit lanes per word
 constexpr int kMaxRowWords = kMaxHeadDim * 4 / kWordBytes;  // 16 words = D 256 in float32
-constexpr int kMaxQueryElems = 8192;      // G * D (GQA group or indexer heads times D)
+constexpr int kMaxQueryHeads = 64;        // G (GQA group, or indexer heads)
 constexpr int kMaxReps = 4;               // R
 constexpr int kMaxTopK = 2048;            // k
 constexpr int kMaxPages = 16384;          // N

@@ -58,21 +58,27 @@ load_row:
   }
 }
 
+// Rows are unpacked into buffers with a fixed stride of kMaxHeadDim, zero beyond `dim`, and
+// scored over all kMaxHeadDim elements: the padding adds +0 terms to sums that start at +0, which
+// leaves every bit of every score unchanged, and gives the score functions' d loop a constant trip
+// count, so that the pipelined head loop unrolls it (one query head per cycle).
 void score_rows(const float* weights, int64_t weights_offset, int64_t batch, int64_t kv_heads,
                 int64_t group, int64_t reps, int64_t row_words, int64_t mode,
                 int64_t group_reduce, int64_t dtype, hls::stream<int64_t>& row_pages,
                 hls::stream<word_t>& words, hls::stream<int64_t>& scored_rows,
                 hls::stream<ScoredPage>& scored) {
-  const int lanes = lanes_per_word(static_cast<int>(dtype));
-  const int64_t dim = row_words * lanes;
   const auto relevancy = static_cast<memops::RelevancyMode>(mode);
   const auto reduce = static_cast<memops::GroupReduce>(group_reduce);
-  float q[kMaxQueryElems];
-  float w_heads[kMaxQueryElems / 16];
+  float q[kMaxQueryHeads * kMaxHeadDim];
+  float w_heads[kMaxQueryHeads];
   float rep[kMaxReps * kMaxHeadDim];
-#pragma HLS ARRAY_PARTITION variable = q cyclic factor = 32
-#pragma HLS ARRAY_PARTITION variable = rep cyclic factor = 32
+#pragma HLS ARRAY_PARTITION variable = q cyclic factor = kMaxHeadDim
+#pragma HLS ARRAY_PARTITION variable = rep cyclic factor = kMaxHeadDim
   word_t row[kMaxRowWords];
+clear_query:
+  for (int i = 0; i < kMaxQueryHeads * kMaxHeadDim; ++i) q[i] = 0.f;
+clear_reps:
+  for (int i = 0; i < kMaxReps * kMaxHeadDim; ++i) rep[i] = 0.f;
 score_row:
   for (int64_t b = 0; b < batch; ++b) {
   score_kv_head:
@@ -83,7 +89,8 @@ score_row:
       for (int64_t g = 0; g < group; ++g) {
       read_query_words:
         for (int64_t w = 0; w < row_words; ++w) row[w] = words.read();
-        unpack_row(row, static_cast<int>(row_words), static_cast<int>(dtype), q + g * dim);
+        unpack_row(row, static_cast<int>(row_words), static_cast<int>(dtype),
+                   q + g * kMaxHeadDim);
       }
       if (relevancy == memops::RelevancyMode::kIndexer) {
       read_weights:
@@ -98,18 +105,20 @@ score_row:
         for (int64_t r = 0; r < reps; ++r) {
         read_rep_words:
           for (int64_t w = 0; w < row_words; ++w) row[w] = words.read();
-          unpack_row(row, static_cast<int>(row_words), static_cast<int>(dtype), rep + r * dim);
+          unpack_row(row, static_cast<int>(row_words), static_cast<int>(dtype),
+                     rep + r * kMaxHeadDim);
         }
         float score = 0.f;
         if (relevancy == memops::RelevancyMode::kIndexer) {
-          score = memops::score_indexer(q, dim, group, w_heads, rep, dim);
+          score = memops::score_indexer(q, kMaxHeadDim, group, w_heads, rep, kMaxHeadDim);
         } else {
         reduce_group:
           for (int64_t g = 0; g < group; ++g) {
-            const float* qg = q + g * dim;
+#pragma HLS PIPELINE II = 1
+            const float* qg = q + g * kMaxHeadDim;
             const float s = relevancy == memops::RelevancyMode::kBound
-                                ? memops::score_bound(qg, rep, rep + dim, dim)
-                                : memops::score_dot(qg, rep, dim, reps, dim);
+                                ? memops::score_bound(qg, rep, rep + kMaxHeadDim, kMaxHeadDim)
+                                : memops::score_dot(qg, rep, kMaxHeadDim, reps, kMaxHeadDim);
             score = memops::group_combine(score, s, g == 0, reduce);
           }
         }
@@ -119,16 +128,48 @@ score_row:
   }
 }
 
-// Position of the page that ranks last among the `count` kept pages.
-int find_last_ranked(const float* top_score, const int32_t* top_page, int count) {
-  int worst = 0;
-find_worst:
-  for (int i = 1; i < count; ++i) {
-#pragma HLS PIPELINE II = 1
-    if (memops::ranks_before(top_score[worst], top_page[worst], top_score[i], top_page[i]))
-      worst = i;
+// The kept pages form a binary heap whose root ranks last (a parent never ranks before its
+// children), so each replacement costs one sift of at most log2(kMaxTopK) = 11 levels.
+constexpr int kHeapLevels = 11;
+static_assert((1 << kHeapLevels) >= kMaxTopK, "the sift loops must cover the heap's depth");
+
+bool ranks_after(const float* score, const int32_t* page, int a, int b) {
+  return memops::ranks_before(score[b], page[b], score[a], page[a]);
+}
+
+void swap_entries(float* score, int32_t* page, int a, int b) {
+  const float s = score[a];
+  const int32_t p = page[a];
+  score[a] = score[b];
+  page[a] = page[b];
+  score[b] = s;
+  page[b] = p;
+}
+
+void sift_up(float* score, int32_t* page, int i) {
+sift_up_levels:
+  for (int level = 0; level < kHeapLevels && i > 0; ++level) {
+#pragma HLS PIPELINE II = 2
+    const int parent = (i - 1) / 2;
+    if (!ranks_after(score, page, i, parent)) break;
+    swap_entries(score, page, i, parent);
+    i = parent;
   }
-  return worst;
+}
+
+void sift_down(float* score, int32_t* page, int count) {
+  int i = 0;
+sift_down_levels:
+  for (int level = 0; level < kHeapLevels; ++level) {
+#pragma HLS PIPELINE II = 2
+    const int left = 2 * i + 1, right = left + 1;
+    int last = i;
+    if (left < count && ranks_after(score, page, left, last)) last = left;
+    if (right < count && ranks_after(score, page, right, last)) last = right;
+    if (last == i) break;
+    swap_entries(score, page, i, last);
+    i = last;
+  }
 }
 
 void select_rows(int64_t rows, int64_t k, int64_t sink_pages, int64_t recent_pages,
@@ -142,7 +183,7 @@ select_row:
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t valid = scored_rows.read();
     const int64_t budget = k - memops::num_forced_pages(valid, sink_pages, recent_pages);
-    int count = 0, worst = 0;
+    int count = 0;
   replace_min:
     for (int64_t p = 0; p < valid; ++p) {
       const ScoredPage in = scored.read();
@@ -153,12 +194,12 @@ select_row:
       if (count < budget) {
         top_score[count] = in.score;
         top_page[count] = in.page;
+        sift_up(top_score, top_page, count);
         ++count;
-        if (count == budget) worst = find_last_ranked(top_score, top_page, count);
-      } else if (memops::ranks_before(in.score, in.page, top_score[worst], top_page[worst])) {
-        top_score[worst] = in.score;
-        top_page[worst] = in.page;
-        worst = find_last_ranked(top_score, top_page, count);
+      } else if (memops::ranks_before(in.score, in.page, top_score[0], top_page[0])) {
+        top_score[0] = in.score;
+        top_page[0] = in.page;
+        sift_down(top_score, top_page, count);
       }
     }
   mark_kept:
