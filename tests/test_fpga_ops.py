@@ -199,6 +199,20 @@ def test_pipeline_on_fpga_matches_cpu():
     assert torch.equal(f_lengths.cpu(), lengths)
 
 
+def test_opcheck_on_fpga_tensors():
+    keys = torch.randn(1, 2, 40, 32).to("fpga")
+    summary = ops.prepare_memory(keys, 16)
+    indices = torch.tensor([[[0, 2, -1]] * 2], dtype=torch.int32).to("fpga")
+    query = torch.randn(1, 4, 32).to("fpga")
+    cases = [
+        (torch.ops.memops.prepare_memory.default, (keys, 16)),
+        (torch.ops.memops.topk_relevancy.default, (query, summary, 2)),
+        (torch.ops.memops.gather_retrieve.default, (keys, indices, 16)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 

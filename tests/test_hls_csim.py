@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ def csim_build(tmp_path_factory):
     if shutil.which("make") is None or shutil.which("g++") is None:
         pytest.skip("make and g++ are needed for C-simulation")
     build = tmp_path_factory.mktemp("hls_build")
-    include = subprocess.run(["make", "-s", "-C", str(HLS), "print-hls-include"],
+    include = subprocess.run(["make", "-s", "-C", str(HLS), f"PYTHON={sys.executable}",
+                              "print-hls-include"],
                              capture_output=True, text=True).stdout.strip()
     if not include or not all((Path(include) / h).exists() for h in ("ap_int.h", "hls_stream.h")):
         pytest.skip("ap_int.h / hls_stream.h not found: pip install --no-deps hls4ml "
                     "(or set HLS_INCLUDE)")
-    result = subprocess.run(["make", "-C", str(HLS), f"BUILD={build}", "tb", "golden"],
+    result = subprocess.run(["make", "-C", str(HLS), f"BUILD={build}", f"PYTHON={sys.executable}",
+                             "tb", "golden"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     return build
