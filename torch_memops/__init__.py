@@ -5,7 +5,7 @@ every backend that was built, and the fake kernels used by ``torch.compile``.
 """
 
 from torch_memops import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-from torch_memops import ops
+from torch_memops import fpga, ops
 from torch_memops.ops import (
     gather_retrieve,
     merge_attention,
@@ -18,6 +18,7 @@ from torch_memops.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "fpga",
     "ops",
     "prepare_memory",
     "prepare_memory_",

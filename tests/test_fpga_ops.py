@@ -1,0 +1,263 @@
+"""memops ops on the fpga device (HLS kernels through the runtime) against the CPU backend.
+
+Everything is compared bit for bit with ``torch.equal``: gather is a copy; prepare_memory and the
+relevancy scores run the same float32 arithmetic in the same order as the CPU backend (the HLS
+kernels call the functions of ``csrc/include/memops/relevancy.h`` and mirror ``page_minmax`` /
+``page_mean``, and narrow to fp16/bf16 with c10's rounding), so equal selections follow. The CPU
+backend itself is tested against ``torch_memops/reference.py`` in its own tests.
+
+The kernels move 512-bit words, so head dims here span a multiple of 64 bytes
+(D % 16 == 0 for float32, D % 32 == 0 for 16-bit dtypes), as on the card.
+"""
+
+import math
+
+import pytest
+import torch
+
+import torch_memops
+from torch_memops import ops
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def dim_for(dtype, words=1):
+    return words * 64 // torch.empty(0, dtype=dtype).element_size()
+
+
+def fpga(t):
+    return None if t is None else t.to("fpga")
+
+
+def strided_keys(B, H, S, D, dtype, extra=9):
+    """A view keys[:, :, :S] of a larger preallocated buffer, on the CPU and on the fpga."""
+    buffer = torch.randn(B, H, S + extra, D).to(dtype)
+    return buffer[:, :, :S], buffer.to("fpga")[:, :, :S]
+
+
+# --- prepare_memory -----------------------------------------------------------------------------
+
+PREPARE_SHAPES = [
+    # B, H, S, P, seq_lens
+    (2, 3, 45, 8, None),  # S not a multiple of P
+    (1, 2, 5, 16, None),  # S < P
+    (3, 2, 40, 16, [40, 0, 17]),  # ragged, with an empty row
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["minmax", "mean"])
+@pytest.mark.parametrize("shape", PREPARE_SHAPES, ids=str)
+def test_prepare_memory_matches_cpu(dtype, mode, shape):
+    B, H, S, P, lens = shape
+    D = dim_for(dtype, words=2)
+    keys, keys_f = strided_keys(B, H, S, D, dtype)
+    seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    expected = ops.prepare_memory(keys, P, mode=mode, seq_lens=seq_lens)
+    got = ops.prepare_memory(keys_f, P, mode=mode, seq_lens=fpga(seq_lens))
+    assert got.device.type == "fpga"
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["minmax", "mean"])
+def test_prepare_memory_inplace_matches_cpu(dtype, mode):
+    B, H, S, P, first_page = 2, 2, 50, 8, 3
+    D = dim_for(dtype)
+    keys, keys_f = strided_keys(B, H, S, D, dtype)
+    seq_lens = torch.tensor([50, 29], dtype=torch.int32)
+    R = 2 if mode == "minmax" else 1
+    # A preallocated summary with more pages than the keys cover, poisoned.
+    poison = torch.full((B, H, 10, R, D), -777.0).to(dtype)
+    expected = poison.clone()
+    ops.prepare_memory_(expected, keys, P, first_page, mode=mode, seq_lens=seq_lens)
+    got = poison.to("fpga")
+    ops.prepare_memory_(got, keys_f, P, first_page, mode=mode, seq_lens=fpga(seq_lens))
+    assert torch.equal(got.cpu(), expected)
+
+
+# --- topk_relevancy -----------------------------------------------------------------------------
+
+TOPK_CASES = [
+    # mode, B, Hq, Hkv, N, k, sink, recent, group_reduce, num_pages
+    ("bound", 2, 8, 8, 37, 6, 1, 2, "max", None),  # GQA ratio 1
+    ("bound", 2, 12, 4, 29, 8, 0, 1, "sum", [29, 4]),  # ratio 3, k > valid pages in a row
+    ("dot", 3, 16, 4, 23, 5, 2, 0, "max", [23, 0, 11]),  # ratio 4, an empty row
+    ("dot", 1, 16, 2, 40, 41, 0, 0, "sum", None),  # ratio 8, k > N
+    ("indexer", 2, 8, 1, 33, 7, 1, 1, "max", [33, 20]),
+]
+
+
+def relevancy_inputs(mode, B, Hq, Hkv, N, dtype, D):
+    query = torch.randn(B, Hq, D).to(dtype)
+    if mode == "bound":
+        keys = torch.randn(B, Hkv, N * 4, D).to(dtype)
+        summary = ops.prepare_memory(keys, 4)
+    elif mode == "dot":
+        summary = torch.randn(B, Hkv, N, 3, D).to(dtype)
+    else:
+        summary = torch.randn(B, 1, N, 1, D).to(dtype)
+    weights = torch.rand(B, Hq) if mode == "indexer" else None
+    return query, summary, weights
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: f"{c[0]}-G{c[2] // c[3]}-k{c[5]}")
+def test_topk_relevancy_matches_cpu(dtype, case):
+    mode, B, Hq, Hkv, N, k, sink, recent, reduce, pages = case
+    D = dim_for(dtype)
+    query, summary, weights = relevancy_inputs(mode, B, Hq, Hkv, N, dtype, D)
+    num_pages = None if pages is None else torch.tensor(pages, dtype=torch.int32)
+    kwargs = dict(mode=mode, sink_pages=sink, recent_pages=recent, group_reduce=reduce)
+    scores, indices = ops.topk_relevancy(
+        query, summary, k, num_pages=num_pages, weights=weights, **kwargs
+    )
+    f_scores, f_indices = ops.topk_relevancy(
+        fpga(query), fpga(summary), k, num_pages=fpga(num_pages), weights=fpga(weights), **kwargs
+    )
+    assert f_indices.device.type == "fpga" and f_scores.dtype == torch.float32
+    assert torch.equal(f_indices.cpu(), indices)
+    assert torch.equal(f_scores.cpu(), scores)
+
+
+def test_topk_relevancy_k_2048_on_a_strided_summary():
+    B, Hq, Hkv, N, D, k = 1, 4, 2, 2600, 16, 2048
+    query = torch.randn(B, Hq, D)
+    buffer = torch.randn(B, Hkv, N + 100, 2, D)
+    summary = torch.stack([buffer.amin(3), buffer.amax(3)], dim=3)
+    view, view_f = summary[:, :, :N], summary.to("fpga")[:, :, :N]
+    kwargs = dict(sink_pages=3, recent_pages=16)
+    scores, indices = ops.topk_relevancy(query, view, k, **kwargs)
+    f_scores, f_indices = ops.topk_relevancy(query.to("fpga"), view_f, k, **kwargs)
+    assert torch.equal(f_indices.cpu(), indices)
+    assert torch.equal(f_scores.cpu(), scores)
+
+
+def test_topk_relevancy_ties_and_nan_follow_the_rules():
+    # Integer data: many exactly equal scores (ties go to the lower page) and one NaN page
+    # (ranked as -inf, reported as NaN).
+    B, Hkv, N, D, k = 1, 1, 30, 16, 10
+    query = torch.randint(-1, 2, (B, 2, D)).float()
+    summary = torch.randint(-1, 2, (B, Hkv, N, 1, D)).float()
+    summary[0, 0, 5] = math.nan
+    scores, indices = ops.topk_relevancy(query, summary, k, mode="dot")
+    f_scores, f_indices = ops.topk_relevancy(fpga(query), fpga(summary), k, mode="dot")
+    assert torch.equal(f_indices.cpu(), indices)
+    assert torch.equal(f_scores.cpu(), scores)
+
+
+# --- gather_retrieve ----------------------------------------------------------------------------
+
+GATHER_DTYPES = FLOAT_DTYPES + [torch.uint8, torch.int32]
+
+
+def random_indices(B, H, k, N):
+    """Ascending valid pages padded with -1 at the end, a different count per row."""
+    indices = torch.full((B, H, k), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            count = int(torch.randint(0, min(k, N) + 1, ()))
+            indices[b, h, :count] = torch.randperm(N)[:count].sort().values.to(torch.int32)
+    return indices
+
+
+@pytest.mark.parametrize("dtype", GATHER_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 45, 8, 4, [45, 0]), (1, 2, 7, 16, 3, None),
+                                   (3, 1, 64, 16, 6, [64, 33, 16])], ids=str)
+def test_gather_retrieve_matches_cpu(dtype, shape):
+    B, H, S, P, k, lens = shape
+    D = dim_for(dtype)
+    if dtype.is_floating_point:
+        buffer = torch.randn(B, H, S + 5, D).to(dtype)
+    else:
+        buffer = torch.randint(0, 120, (B, H, S + 5, D), dtype=dtype)
+    memory, memory_f = buffer[:, :, :S], buffer.to("fpga")[:, :, :S]
+    indices = random_indices(B, H, k, -(-S // P))
+    seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    out, lengths = ops.gather_retrieve(memory, indices, P, seq_lens=seq_lens)
+    f_out, f_lengths = ops.gather_retrieve(memory_f, fpga(indices), P, seq_lens=fpga(seq_lens))
+    assert f_out.device.type == "fpga"
+    assert torch.equal(f_out.cpu(), out)
+    assert torch.equal(f_lengths.cpu(), lengths)
+
+
+def test_pipeline_on_fpga_matches_cpu():
+    B, Hq, Hkv, S, D, P, k = 2, 8, 2, 200, 32, 16, 5
+    keys = torch.randn(B, Hkv, S, D, dtype=torch.float16)
+    query = torch.randn(B, Hq, D, dtype=torch.float16)
+    seq_lens = torch.tensor([200, 77], dtype=torch.int32)
+
+    def pipeline(q, k_cache, lens):
+        summary = ops.prepare_memory(k_cache, P, seq_lens=lens)
+        num_pages = (lens + P - 1) // P
+        _, indices = ops.topk_relevancy(q, summary, k, num_pages=num_pages, recent_pages=1)
+        return ops.gather_retrieve(k_cache, indices, P, seq_lens=lens)
+
+    out, lengths = pipeline(query, keys, seq_lens)
+    f_out, f_lengths = pipeline(fpga(query), fpga(keys), fpga(seq_lens))
+    assert torch.equal(f_out.cpu(), out)
+    assert torch.equal(f_lengths.cpu(), lengths)
+
+
+def test_opcheck_on_fpga_tensors():
+    keys = torch.randn(1, 2, 40, 32).to("fpga")
+    summary = ops.prepare_memory(keys, 16)
+    indices = torch.tensor([[[0, 2, -1]] * 2], dtype=torch.int32).to("fpga")
+    query = torch.randn(1, 4, 32).to("fpga")
+    cases = [
+        (torch.ops.memops.prepare_memory.default, (keys, 16)),
+        (torch.ops.memops.topk_relevancy.default, (query, summary, 2)),
+        (torch.ops.memops.gather_retrieve.default, (keys, indices, 16)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_apply_on_fpga_names_the_placement():
+    q = torch.randn(1, 4, 32).to("fpga")
+    cache = torch.randn(1, 2, 16, 32).to("fpga")
+    with pytest.raises(RuntimeError, match='place Apply on "cuda" or "cpu"'):
+        ops.sparse_apply(q, cache, cache, None, 4)
+    out, lse = torch.randn(2, 32).to("fpga"), torch.randn(2).to("fpga")
+    with pytest.raises(RuntimeError, match='place Apply on "cuda" or "cpu"'):
+        ops.merge_attention(out, lse, out, lse)
+
+
+def test_mixed_devices_raise():
+    keys = torch.randn(1, 2, 16, 32)
+    with pytest.raises(RuntimeError, match="`seq_lens` is on cpu but `keys` is on fpga"):
+        ops.prepare_memory(keys.to("fpga"), 4, seq_lens=torch.tensor([16], dtype=torch.int32))
+    summary = ops.prepare_memory(keys, 4)
+    with pytest.raises(RuntimeError, match="`summary` is on"):
+        ops.topk_relevancy(torch.randn(1, 2, 32).to("fpga"), summary, 2)
+    with pytest.raises(RuntimeError, match="`indices` is on"):
+        ops.gather_retrieve(keys.to("fpga"), torch.zeros(1, 2, 1, dtype=torch.int32), 4)
+
+
+def test_layout_and_limits_raise_before_any_write():
+    with pytest.raises(ValueError, match="multiple of 64 bytes"):
+        ops.prepare_memory(torch.randn(1, 1, 8, 8).to("fpga"), 4)
+    summary = torch.randn(1, 1, 3000, 1, 16).to("fpga")
+    with pytest.raises(ValueError, match="`k` must be <= 2048"):
+        ops.topk_relevancy(torch.randn(1, 1, 16).to("fpga"), summary, 2049, mode="dot")
+    with pytest.raises(ValueError, match="at most 64 query heads per kv head"):
+        ops.topk_relevancy(torch.randn(1, 66, 16).to("fpga"),
+                           torch.randn(1, 1, 4, 1, 16).to("fpga"), 2, mode="dot")
+    poison = torch.full((1, 1, 4, 2, 16), 5.0)
+    target = poison.to("fpga")
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.prepare_memory_(target, torch.randn(1, 1, 16, 16).to("fpga"), 4, 0,
+                            seq_lens=torch.tensor([99], dtype=torch.int32).to("fpga"))
+    assert torch.equal(target.cpu(), poison)
+    with pytest.raises(ValueError, match="outside"):
+        ops.gather_retrieve(torch.randn(1, 1, 16, 16).to("fpga"),
+                            torch.tensor([[[9]]], dtype=torch.int32).to("fpga"), 4)
+
+
+def test_fpga_results_are_usable_by_ordinary_torch_code():
+    keys = torch.randn(1, 2, 64, 32)
+    summary = torch_memops.prepare_memory(keys.to("fpga"), 16)
+    assert torch.equal((summary * 2).cpu(), ops.prepare_memory(keys, 16) * 2)
