@@ -163,3 +163,22 @@ def test_merge_of_strided_inputs(device):
     ref_out, ref_lse = reference.merge_attention(out_a, lse_a, out_b, lse_b)
     torch.testing.assert_close(out, ref_out, **ROUNDED_TOL[torch.float32])
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_cache_through_the_pipeline(device):
+    # S = 0: no pages, nothing to select, gather or attend to.
+    B, Hkv, G, D, P, k = 2, 2, 3, 8, 4, 3
+    keys, query = randn(B, Hkv, 0, D), randn(B, Hkv * G, D)
+    summary = ops.prepare_memory(to_device(device, keys), P)
+    assert summary.shape == (B, Hkv, 0, 2, D)
+    scores, indices = cpu(*ops.topk_relevancy(to_device(device, query), summary, k))
+    assert torch.equal(indices, torch.full((B, Hkv, k), -1, dtype=torch.int32))
+    assert torch.equal(scores, torch.full((B, Hkv, k), -math.inf))
+    gathered, lengths = cpu(*ops.gather_retrieve(*to_device(device, keys, indices), P))
+    assert torch.equal(gathered, torch.zeros(B, Hkv, k * P, D))
+    assert torch.equal(lengths, torch.zeros(B, Hkv, dtype=torch.int32))
+    for selection in (None, indices):
+        out, lse = apply(device, query, keys, keys, selection, P)
+        assert torch.equal(out, torch.zeros(B, Hkv * G, D))
+        assert torch.equal(lse, torch.full((B, Hkv * G), -math.inf))
