@@ -114,8 +114,9 @@ def main() -> None:
         print(f"  kv head {h}: {row[:6]} ... {row[-2:]}  top score {scores[0, h].max():.1f}")
     found = [len(set(planted.tolist()) & set(indices[b, h].tolist()))
              for b in range(B) for h in range(Hkv)]
-    print(f"planted pages {sorted(planted.tolist())}: each (batch, kv head) row selected "
-          f"between {min(found)} and {max(found)} of these {len(planted)}")
+    count = f"{min(found)}" if min(found) == max(found) else f"{min(found)} to {max(found)}"
+    print(f"planted pages {sorted(planted.tolist())}: every (batch, kv head) row selected "
+          f"{count} of these {len(planted)}")
 
     mass = (lse.float() - dense_lse).exp()
     cosine = torch.nn.functional.cosine_similarity(out.float(), dense_out.float(), dim=-1)

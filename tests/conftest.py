@@ -27,3 +27,10 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_configure(config):
+    # Emitted inside torch by torch.compile's own use of torch.jit; nothing this project calls.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )

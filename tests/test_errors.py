@@ -190,9 +190,11 @@ def test_bad_shape_or_type_raises(device, case):
     assert_raises_and_leaves_inputs_alone(*build(valid_inputs(device)), match)
 
 
-@pytest.mark.parametrize("device", value_checking_devices())
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
 def test_bad_value_raises_on_host_backends(device, case):
+    if device not in value_checking_devices():
+        pytest.skip(f"{device} kernels do not read values back (no host sync): docs/design.md")
     _, build, match = case
     assert_raises_and_leaves_inputs_alone(*build(valid_inputs(device)), match)
 
