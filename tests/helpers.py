@@ -19,6 +19,11 @@ from torch_memops import reference
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def dtype_id(dtype: torch.dtype) -> str:
+    """Test id of a dtype parameter: "float16" rather than "dtype1"."""
+    return str(dtype).removeprefix("torch.")
+
+
 class Backend(NamedTuple):
     """A device torch_memops may have kernels for."""
 

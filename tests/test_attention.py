@@ -4,20 +4,21 @@ import math
 
 import pytest
 import torch
-
 from helpers import (
     DTYPES,
     ROUNDED_TOL,
     ascending_indices,
     cpu,
     devices,
+    dtype_id,
     poisoned_outputs,
-    randn,
     ragged_seq_lens,
+    randn,
     reference_attention_fp64,
     strided_cache,
     to_device,
 )
+
 from torch_memops import ops, reference
 
 GQA_RATIOS = [1, 3, 4, 8]
@@ -43,7 +44,7 @@ def assert_attention_close(out, lse, ref_out, ref_lse, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("G", GQA_RATIOS)
 @pytest.mark.parametrize("index_heads", ["kv", "q", "dense"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
@@ -61,7 +62,7 @@ def test_sparse_apply_matches_reference(device, dtype, G, index_heads, ragged):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(2, 4, 5, 8, 16, 3), (1, 2, 24, 32, 8, 3), (2, 8, 19, 8, 4, 9)],
                          ids=["S<P", "k=N", "k>N"])
 def test_sparse_apply_edge_shapes_and_scale(device, dtype, shape):
@@ -75,7 +76,7 @@ def test_sparse_apply_edge_shapes_and_scale(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("G", GQA_RATIOS)
 def test_dense_equals_softmax_attention_in_float64(device, dtype, G):
     # indices=None is plain softmax attention. Ground truth: float64 SDPA on the same (upcast)
@@ -96,7 +97,7 @@ def test_dense_equals_softmax_attention_in_float64(device, dtype, G):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_rows_without_tokens_give_zero_and_minus_inf(device, dtype):
     # Row 0 has seq_lens = 0; row 1 selects only padding; row 2 selects a page past its length.
     B, Hkv, S, D, P = 3, 2, 24, 8, 8
@@ -110,7 +111,7 @@ def test_rows_without_tokens_give_zero_and_minus_inf(device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("split", [16, 21])
 def test_merge_of_two_halves_equals_attention_over_the_whole(device, dtype, split):
     B, Hkv, G, S, D, P = 2, 2, 4, 40, 16, 8
@@ -135,7 +136,7 @@ def test_merge_of_two_halves_equals_attention_over_the_whole(device, dtype, spli
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lead", [(7,), (2, 5), (2, 3, 4)])
 def test_merge_matches_reference(device, dtype, lead):
     D = 24

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal, cpu, devices, dtype_id, randn, strided_cache, to_device
 
-from helpers import assert_bitwise_equal, cpu, devices, randn, strided_cache, to_device
 from torch_memops import ops
 
 P, K_PAGES, RECENT = 8, 3, 11
@@ -29,7 +29,7 @@ def pipeline(summary, query, k_cache, v_cache, memory_tokens):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_compiled_pipeline_equals_eager(device, dtype):
     B, Hkv, G, D, memory_tokens = 2, 2, 4, 16, 48  # 6 full pages of memory
     S = memory_tokens + RECENT

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import assert_bitwise_equal, devices, randn, to_device, value_checking_devices
+
 from torch_memops import ops
 
 B, HKV, G, S, D, P, K = 2, 2, 4, 21, 8, 8, 2

@@ -2,18 +2,19 @@
 
 import pytest
 import torch
-
 from helpers import (
     DTYPES,
     ascending_indices,
     assert_bitwise_equal,
     cpu,
     devices,
+    dtype_id,
     poisoned_outputs,
     ragged_seq_lens,
     strided_cache,
     to_device,
 )
+
 from torch_memops import ops, reference
 
 # (B, H, S, D, P, k): tails, S < P, k > N, k == N.
@@ -28,7 +29,7 @@ def gather(device, memory, indices, page_size, seq_lens=None):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES + [torch.int32, torch.uint8])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int32, torch.uint8], ids=dtype_id)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
 def test_gather_matches_reference(device, dtype, shape, ragged):
@@ -55,7 +56,7 @@ def test_gather_any_index_order_and_duplicates(device):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_gathered_topk_selection_is_a_prefix(device, dtype):
     # With topk_relevancy's indices (ascending, padded at the end) the valid tokens are the
     # first lengths[b, h] rows of out, in cache order, and the rest is zero.

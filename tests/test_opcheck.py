@@ -2,8 +2,16 @@
 
 import pytest
 import torch
+from helpers import (
+    ascending_indices,
+    devices,
+    dtype_id,
+    ragged_seq_lens,
+    randn,
+    strided_cache,
+    to_device,
+)
 
-from helpers import ascending_indices, devices, ragged_seq_lens, randn, strided_cache, to_device
 from torch_memops import ops
 
 B, HKV, G, S, D, P = 2, 2, 3, 29, 8, 8
@@ -47,7 +55,7 @@ def move(device, value):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_opcheck_every_op(device, dtype):
     cases = samples(dtype)
     checked = set()

@@ -2,19 +2,20 @@
 
 import pytest
 import torch
-
 from helpers import (
     DTYPES,
     ROUNDED_TOL,
     assert_bitwise_equal,
     cpu,
     devices,
+    dtype_id,
     poisoned_outputs,
     ragged_seq_lens,
     randn,
     strided_cache,
     to_device,
 )
+
 from torch_memops import ops, reference
 
 # (B, Hkv, S, D, P): S not a multiple of P, S < P, S a multiple of P, one token per page.
@@ -39,7 +40,7 @@ def assert_summary_matches(actual, expected, mode, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mode", ["minmax", "mean"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
@@ -57,7 +58,7 @@ def test_prepare_memory_matches_reference(device, dtype, mode, shape, ragged):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mode", ["minmax", "mean"])
 def test_summary_of_contiguous_and_strided_keys_is_identical(device, dtype, mode):
     keys = strided_cache(2, 3, 29, 16, dtype)
@@ -67,7 +68,7 @@ def test_summary_of_contiguous_and_strided_keys_is_identical(device, dtype, mode
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mode", ["minmax", "mean"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
 def test_prepare_memory_inplace_after_append_equals_full_prepare(device, dtype, mode, ragged):
@@ -112,7 +113,7 @@ def test_prepare_memory_inplace_past_the_last_page_changes_nothing(device, first
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_prepare_memory_inplace_into_a_strided_summary(device, dtype):
     # A summary that is itself a view ([B, Hkv, N, R, D] sliced out of a wider buffer).
     keys = strided_cache(2, 3, 30, 8, dtype)

@@ -7,7 +7,6 @@ seq_lens, k and selection options, on strided views of larger buffers.
 
 import pytest
 import torch
-
 from helpers import (
     DTYPES,
     ROUNDED_TOL,
@@ -20,6 +19,7 @@ from helpers import (
     strided_cache,
     to_device,
 )
+
 from torch_memops import ops, reference
 
 CASES = 12

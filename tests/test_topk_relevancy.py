@@ -4,17 +4,18 @@ import math
 
 import pytest
 import torch
-
 from helpers import (
     DTYPES,
     assert_valid_topk,
     cpu,
     devices,
+    dtype_id,
     poisoned_outputs,
     randn,
     score_tolerance,
     to_device,
 )
+
 from torch_memops import ops, reference
 
 GQA_RATIOS = [1, 3, 4, 8]
@@ -50,7 +51,7 @@ def summary_of(B, Hkv, N, R, D, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mode", ["bound", "dot"])
 @pytest.mark.parametrize("G", GQA_RATIOS)
 @pytest.mark.parametrize("group_reduce", ["max", "sum"])
@@ -65,7 +66,7 @@ def test_topk_matches_reference(device, dtype, mode, G, group_reduce, k):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reps", [1, 3])
 def test_dot_mode_with_other_representative_counts(device, dtype, reps):
     query, summary = randn(2, 6, 16, dtype=dtype), summary_of(2, 2, 11, reps, 16, dtype)
@@ -74,7 +75,7 @@ def test_dot_mode_with_other_representative_counts(device, dtype, reps):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("heads", [1, 4, 7])
 @pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
 def test_indexer_mode(device, dtype, heads, weights_dtype):
@@ -87,7 +88,7 @@ def test_indexer_mode(device, dtype, heads, weights_dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("sink, recent", [(1, 0), (0, 2), (2, 3), (3, 3), (6, 0)])
 def test_sink_recent_and_num_pages(device, dtype, sink, recent):
     # Rows with no valid page, one page, overlapping sink/recent windows, and all N pages.
@@ -100,7 +101,7 @@ def test_sink_recent_and_num_pages(device, dtype, sink, recent):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_strided_query_and_preallocated_summary(device, dtype):
     # The query is every other head of a wider tensor; the summary is the live pages of a
     # preallocated buffer whose spare pages hold huge values that must never be scored.
@@ -119,7 +120,7 @@ def small_integers(*shape, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mode", ["bound", "dot"])
 def test_exact_ties_go_to_the_lower_page(device, dtype, mode):
     # Scores are exact (small integers), and pages repeat so that many scores tie exactly: the

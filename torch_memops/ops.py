@@ -266,7 +266,7 @@ def merge_attention(
 
 
 def _check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
-    """Raises like csrc/validate.cpp when the given tensors are not all on the first one's device."""
+    """Raises like csrc/validate.cpp unless all given tensors are on the first one's device."""
     present = [(name, t) for name, t in tensors.items() if t is not None]
     ref_name, ref = present[0]
     for name, t in present[1:]:
