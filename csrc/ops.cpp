@@ -12,9 +12,12 @@ TORCH_LIBRARY(memops, m) {
   m.def(
       "prepare_memory(Tensor keys, int page_size, *, str mode=\"minmax\", "
       "Tensor? seq_lens=None) -> Tensor");
+  // Named summary_mode, not mode: torch.compile functionalizes this in-place op through the
+  // auto_functionalized higher-order op, whose handlers take a positional `mode` parameter and
+  // fail with "got multiple values for argument 'mode'". The Python wrapper keeps `mode`.
   m.def(
       "prepare_memory_(Tensor(a!) summary, Tensor keys, int page_size, int first_page, *, "
-      "str mode=\"minmax\", Tensor? seq_lens=None) -> ()");
+      "str summary_mode=\"minmax\", Tensor? seq_lens=None) -> ()");
   m.def(
       "topk_relevancy(Tensor query, Tensor summary, int k, *, str mode=\"bound\", "
       "Tensor? num_pages=None, int sink_pages=0, int recent_pages=0, "

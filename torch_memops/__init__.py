@@ -4,6 +4,8 @@ Importing the package loads the compiled library, which registers ``torch.ops.me
 every backend that was built, and the fake kernels used by ``torch.compile``.
 """
 
+import torch  # noqa: F401  (loads libtorch and libc10, which _C links against without an rpath)
+
 from torch_memops import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 from torch_memops import fpga, ops
 from torch_memops.ops import (

@@ -81,7 +81,7 @@ def prepare_memory_(
     True
     """
     torch.ops.memops.prepare_memory_(
-        summary, keys, page_size, first_page, mode=mode, seq_lens=seq_lens
+        summary, keys, page_size, first_page, summary_mode=mode, seq_lens=seq_lens
     )
     return summary
 
@@ -259,26 +259,44 @@ def merge_attention(
 
 # ------------------------------------------------------------------------------------------------
 # Fake kernels: output metadata only, so that torch.compile can trace the ops. Argument checking
-# happens in the real kernels (csrc/validate.cpp), which run at execution time.
+# happens in the real kernels (csrc/validate.cpp), which run at execution time. The one check
+# here is the device mix: the dispatcher sends any call that involves a meta tensor to these
+# functions, so a meta tensor mixed with real ones would otherwise pass unnoticed.
 # ------------------------------------------------------------------------------------------------
+
+
+def _check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
+    """Raises like csrc/validate.cpp unless all given tensors are on the first one's device."""
+    present = [(name, t) for name, t in tensors.items() if t is not None]
+    ref_name, ref = present[0]
+    for name, t in present[1:]:
+        if t.device != ref.device:
+            raise RuntimeError(
+                f"memops.{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; "
+                "move both to the device that runs this step"
+            )
 
 
 @torch.library.register_fake("memops::prepare_memory")
 def _prepare_memory_fake(keys, page_size, *, mode="minmax", seq_lens=None):
+    _check_same_device("prepare_memory", keys=keys, seq_lens=seq_lens)
     B, H, S, D = keys.shape
     reps = 2 if mode == "minmax" else 1
     return keys.new_empty(B, H, (S + page_size - 1) // page_size, reps, D)
 
 
 @torch.library.register_fake("memops::prepare_memory_")
-def _prepare_memory_inplace_fake(summary, keys, page_size, first_page, *, mode="minmax",
+def _prepare_memory_inplace_fake(summary, keys, page_size, first_page, *, summary_mode="minmax",
                                  seq_lens=None):
+    _check_same_device("prepare_memory_", keys=keys, summary=summary, seq_lens=seq_lens)
     return None
 
 
 @torch.library.register_fake("memops::topk_relevancy")
 def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sink_pages=0,
                          recent_pages=0, group_reduce="max", weights=None):
+    _check_same_device("topk_relevancy", query=query, summary=summary, num_pages=num_pages,
+                       weights=weights)
     B, Hkv = summary.shape[0], summary.shape[1]
     return (query.new_empty(B, Hkv, k, dtype=torch.float32),
             query.new_empty(B, Hkv, k, dtype=torch.int32))
@@ -286,6 +304,7 @@ def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sin
 
 @torch.library.register_fake("memops::gather_retrieve")
 def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
+    _check_same_device("gather_retrieve", memory=memory, indices=indices, seq_lens=seq_lens)
     B, H, _, D = memory.shape
     k = indices.shape[-1]
     return memory.new_empty(B, H, k * page_size, D), indices.new_empty(B, H)
@@ -293,10 +312,13 @@ def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
 
 @torch.library.register_fake("memops::sparse_apply")
 def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=None, scale=None):
+    _check_same_device("sparse_apply", query=query, k_cache=k_cache, v_cache=v_cache,
+                       indices=indices, seq_lens=seq_lens)
     B, Hq, D = query.shape
     return query.new_empty(B, Hq, D), query.new_empty(B, Hq, dtype=torch.float32)
 
 
 @torch.library.register_fake("memops::merge_attention")
 def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
-    return torch.empty_like(out_a), torch.empty_like(lse_a)
+    _check_same_device("merge_attention", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)

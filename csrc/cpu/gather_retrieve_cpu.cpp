@@ -38,9 +38,11 @@ std::tuple<at::Tensor, at::Tensor> gather_retrieve_cpu(const at::Tensor& memory,
         const int32_t page = ip[r * k + j];
         const int64_t n = page < 0 ? 0 : page_valid_tokens(page, P, length);
         char* slot = row_out + j * P * row_bytes;
-        const char* first = src + (b * ms[0] + h * ms[1] + page * P * ms[2]) * elem;
-        for (int64_t t = 0; t < n; ++t)
-          std::memcpy(slot + t * row_bytes, first + t * ms[2] * elem, row_bytes);
+        if (n > 0) {  // padding (-1) has no source address
+          const char* first = src + (b * ms[0] + h * ms[1] + page * P * ms[2]) * elem;
+          for (int64_t t = 0; t < n; ++t)
+            std::memcpy(slot + t * row_bytes, first + t * ms[2] * elem, row_bytes);
+        }
         std::memset(slot + n * row_bytes, 0, (P - n) * row_bytes);
         copied += n;
       }

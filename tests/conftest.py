@@ -1,0 +1,36 @@
+"""Fresh random data every run, reproducible on demand.
+
+Each test seeds torch from the session seed and its own name. The session seed is random unless
+``MEMOPS_TEST_SEED`` is set; it is printed in pytest's header, so a failure can be replayed with
+``MEMOPS_TEST_SEED=<seed> pytest ...``.
+"""
+
+import os
+import random
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from every test module
+
+SESSION_SEED = int(os.environ.get("MEMOPS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    from helpers import devices
+
+    return [f"memops test seed: MEMOPS_TEST_SEED={SESSION_SEED}", f"memops devices: {devices()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_configure(config):
+    # Emitted inside torch by torch.compile's own use of torch.jit; nothing this project calls.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )

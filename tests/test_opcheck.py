@@ -1,0 +1,67 @@
+"""torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) on every op."""
+
+import pytest
+import torch
+from helpers import (
+    ascending_indices,
+    devices,
+    dtype_id,
+    ragged_seq_lens,
+    randn,
+    strided_cache,
+    to_device,
+)
+
+from torch_memops import ops
+
+B, HKV, G, S, D, P = 2, 2, 3, 29, 8, 8
+N = -(-S // P)
+
+
+def samples(dtype):
+    """(op, args, kwargs) covering every op and its optional arguments, strided views included."""
+    keys, values = strided_cache(B, HKV, S, D, dtype), strided_cache(B, HKV, S, D, dtype)
+    query = randn(B, HKV * G, D, dtype=dtype)
+    seq_lens = ragged_seq_lens(B, S)
+    summary = ops.prepare_memory(keys, P)
+    indices = ascending_indices(B, HKV, 3, N)
+    out, lse = ops.sparse_apply(query, keys, values, indices, P)
+    m = torch.ops.memops
+    return [
+        (m.prepare_memory, (keys, P), {}),
+        (m.prepare_memory, (keys, P), {"mode": "mean", "seq_lens": seq_lens}),
+        (m.prepare_memory_, (randn(B, HKV, N + 2, 2, D, dtype=dtype), keys, P, 1), {}),
+        (m.prepare_memory_, (randn(B, HKV, N, 1, D, dtype=dtype), keys, P, 0),
+         {"summary_mode": "mean", "seq_lens": seq_lens}),
+        (m.topk_relevancy, (query, summary, 3), {}),
+        (m.topk_relevancy, (query, summary, N + 2),
+         {"mode": "dot", "num_pages": torch.tensor([N, 1], dtype=torch.int32), "sink_pages": 1,
+          "recent_pages": 1, "group_reduce": "sum"}),
+        (m.topk_relevancy, (query, ops.prepare_memory(keys[:, :1], P, mode="mean"), 2),
+         {"mode": "indexer", "weights": torch.rand(B, HKV * G)}),
+        (m.gather_retrieve, (keys, indices, P), {}),
+        (m.gather_retrieve, (values, indices, P), {"seq_lens": seq_lens}),
+        (m.sparse_apply, (query, keys, values, indices, P), {}),
+        (m.sparse_apply, (query, keys, values, ascending_indices(B, HKV * G, 2, N), P),
+         {"seq_lens": seq_lens, "scale": 0.25}),
+        (m.sparse_apply, (query, keys, values, None, P), {"seq_lens": seq_lens}),
+        (m.merge_attention, (out, lse, out.flip(1), lse.flip(1)), {}),
+        (m.merge_attention, (out[:, ::2], lse[:, ::2], out[:, 1::2], lse[:, 1::2]), {}),
+    ]
+
+
+def move(device, value):
+    return to_device(device, value) if isinstance(value, torch.Tensor) else value
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_opcheck_every_op(device, dtype):
+    cases = samples(dtype)
+    checked = set()
+    for op, args, kwargs in cases:
+        args = tuple(move(device, a) for a in args)
+        kwargs = {name: move(device, v) for name, v in kwargs.items()}
+        torch.library.opcheck(op, args, kwargs)  # all default test_utils
+        checked.add(op._qualified_op_name)
+    assert checked == {f"memops::{name}" for name in ops.__all__}, checked
