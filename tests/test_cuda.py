@@ -409,26 +409,10 @@ def _opcheck_cases():
     ]
 
 
-# torch 2.11's auto_functionalized_v2 takes a parameter named `mode`, which clashes with the
-# `mode` argument of the mutable prepare_memory_ ("got multiple values for argument 'mode'",
-# seen on the H200 machine); only the AOT-dispatch check of that op is affected.
-AUTO_FUNCTIONALIZE_CLASH = "torch's auto_functionalized_v2 clashes with prepare_memory_'s `mode`"
-
-
 @pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
     op, args, kwargs = _opcheck_cases()[case]
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor",
-             "test_aot_dispatch_dynamic")
-    if op is torch.ops.memops.prepare_memory_.default:
-        utils = utils[:-1]
-    torch.library.opcheck(op, args, kwargs, test_utils=utils)
-
-
-@pytest.mark.xfail(strict=True, raises=Exception, reason=AUTO_FUNCTIONALIZE_CLASH)
-def test_opcheck_prepare_memory_inplace_aot_dispatch():
-    op, args, kwargs = _opcheck_cases()[1]
-    torch.library.opcheck(op, args, kwargs, test_utils="test_aot_dispatch_dynamic")
+    torch.library.opcheck(op, args, kwargs)
 
 
 def decode_step(query, k_cache, v_cache, summary, lens, first_page, P, budget_pages, out_b,
@@ -476,26 +460,15 @@ def test_cuda_graph_decode_step_replays_with_new_data():
         assert torch.equal(graph_lse, want_lse)
 
 
-def select_and_apply(query, k_cache, v_cache, summary, lens, P, budget_pages, out_b, lse_b):
-    _, idx = ops.topk_relevancy(query, summary, budget_pages, sink_pages=1, recent_pages=2)
-    out, lse = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
-    return ops.merge_attention(out, lse, out_b, lse_b)
-
-
 def test_torch_compile_fullgraph_decode_step():
+    """The whole decode step, the in-place prepare_memory_ included, compiles without breaks."""
     inputs = _decode_inputs()
-    ops.prepare_memory_(inputs["summary"], inputs["k_cache"], 16, 0)
-    eager = select_and_apply(**inputs, P=16, budget_pages=8)
-    compiled = torch.compile(select_and_apply, fullgraph=True)
-    got = compiled(**inputs, P=16, budget_pages=8)
+    eager_inputs = {k: v.clone() for k, v in inputs.items()}
+    eager = decode_step(**eager_inputs, first_page=0, P=16, budget_pages=8)
+    compiled = torch.compile(decode_step, fullgraph=True)
+    got = compiled(**inputs, first_page=0, P=16, budget_pages=8)
+    assert torch.equal(inputs["summary"], eager_inputs["summary"])
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
-
-
-@pytest.mark.xfail(strict=True, raises=Exception, reason=AUTO_FUNCTIONALIZE_CLASH)
-def test_torch_compile_prepare_memory_inplace():
-    inputs = _decode_inputs()
-    compiled = torch.compile(ops.prepare_memory_, fullgraph=True)
-    compiled(inputs["summary"], inputs["k_cache"], 16, 0, seq_lens=inputs["lens"])
 
 
 def test_cache_over_2_pow_31_elements():
