@@ -28,7 +28,7 @@ from torch import Tensor
 
 from torch_memops import ops
 
-__all__ = ["MemopsConfig", "MemopsCache", "MemopsLayer", "enable", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["MemopsConfig", "MemopsCache", "MemopsLayer", "enable", "cache_argument", "SUPPORTED_MODEL_TYPES"]
 
 ATTENTION_NAME = "memops"
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
@@ -172,6 +172,24 @@ class _Buffer:
         grown = self.data.new_empty((*self.data.shape[:2], new_capacity, *self.data.shape[3:]))
         grown[:, :, :used].copy_(self.data[:, :, :used])
         self.data = grown
+
+
+def retrieve_and_apply(query: Tensor, keys: Tensor, values: Tensor, indices: Tensor, page_size: int,
+                       seq_lens: Tensor, scale: float, apply_device: torch.device) -> Tensor:
+    """Retrieval on the memory device, transfer of the selected pages, Apply on ``apply_device``.
+
+    ``keys``/``values``: ``[B, Hkv, S, D]`` on the memory device; ``indices``: ``int32 [B, Hkv, k]``
+    from ``topk_relevancy`` with ``recent_pages >= 1``. Only ``k * page_size`` tokens per head
+    cross. Because every head then selects the row's last (possibly partial) page, each row's
+    gathered valid tokens form a prefix of one length across heads, which ``sparse_apply`` takes as
+    ``seq_lens``. Returns ``[B, Hq, D]`` on ``apply_device``.
+    """
+    gathered_keys, lengths = ops.gather_retrieve(keys, indices, page_size, seq_lens=seq_lens)
+    gathered_values, _ = ops.gather_retrieve(values, indices, page_size, seq_lens=seq_lens)
+    out, _ = ops.sparse_apply(query.to(apply_device), gathered_keys.to(apply_device),
+                              gathered_values.to(apply_device), None, page_size,
+                              seq_lens=lengths[:, 0].contiguous().to(apply_device), scale=scale)
+    return out
 
 
 class MemopsLayer:
@@ -435,14 +453,8 @@ class MemopsLayer:
             out, _ = ops.sparse_apply(query.to(memory_device), self.keys, self.values, indices, cfg.page_size,
                                       seq_lens=seq_lens, scale=scale)
         else:
-            # Only the selected pages cross to the Apply device. With recent_pages >= 1 the row's last
-            # (possibly partial) page is selected by every head, so each row's valid tokens form a
-            # prefix of one length across heads.
-            keys, lengths = ops.gather_retrieve(self.keys, indices, cfg.page_size, seq_lens=seq_lens)
-            values, _ = ops.gather_retrieve(self.values, indices, cfg.page_size, seq_lens=seq_lens)
-            out, _ = ops.sparse_apply(query.to(apply_device), keys.to(apply_device), values.to(apply_device),
-                                      None, cfg.page_size, seq_lens=lengths[:, 0].contiguous().to(apply_device),
-                                      scale=scale)
+            out = retrieve_and_apply(query, self.keys, self.values, indices, cfg.page_size, seq_lens, scale,
+                                     apply_device)
         return out.to(query.device)
 
     def attended_tokens(self) -> Tensor:
@@ -450,7 +462,7 @@ class MemopsLayer:
         if self.last_selection is None:
             raise RuntimeError("MemopsLayer.attended_tokens: no decode step has run on this sparse layer")
         indices = self.last_selection.to("cpu").long()
-        lens = self._host_lens.long()[:, None, None] - 1
+        lens = self._host_lens.long()[:, None, None]
         page_tokens = (lens - indices * self.config.page_size).clamp(0, self.config.page_size)
         return torch.where(indices >= 0, page_tokens, 0).sum(dim=-1)
 
@@ -549,6 +561,13 @@ def _check_supported(model) -> None:
         )
     if model.training:
         raise ValueError("torch_memops.hf.enable: the pipeline is for inference; call model.eval() first")
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model.forward`` takes its cache: ``cache`` (newer) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _attention_modules(model) -> List[torch.nn.Module]:
