@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from torch_memops import ops
 
-__all__ = ["MemopsConfig", "MemopsCache", "MemopsLayer", "enable", "cache_argument", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["MemopsConfig", "MemopsCache", "MemopsLayer", "StepProfile", "enable", "cache_argument",
+           "SUPPORTED_MODEL_TYPES"]
 
 ATTENTION_NAME = "memops"
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
@@ -174,8 +176,64 @@ class _Buffer:
         self.data = grown
 
 
+class StepProfile:
+    """Wall time of the four steps and bytes moved between devices, summed over a run.
+
+    Attach one to every layer of a cache (``layer.profile = StepProfile()``). Timing synchronises
+    CUDA devices around each step, so a profiled run is slower than an unprofiled one; it shows
+    where the time goes, not the fastest time. Prefill work is kept apart from decode work.
+    """
+
+    def __init__(self):
+        self.seconds: Dict[Tuple[str, str], float] = {}
+        self.bytes_moved: Dict[Tuple[str, str, str], int] = {}
+
+    @contextmanager
+    def step(self, phase: str, name: str, devices):
+        _synchronize(devices)
+        start = time.perf_counter()
+        yield
+        _synchronize(devices)
+        key = (phase, name)
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def moved(self, tensor: Tensor, destination: torch.device) -> None:
+        if tensor.device != destination:
+            key = (str(tensor.device), str(destination), "")
+            self.bytes_moved[key] = self.bytes_moved.get(key, 0) + tensor.numel() * tensor.element_size()
+
+    def summary(self, decode_steps: int) -> dict:
+        steps = max(decode_steps, 1)
+        return {
+            "decode_ms_per_step": {name: 1e3 * sec / steps for (phase, name), sec in self.seconds.items()
+                                   if phase == "decode"},
+            "prefill_ms": {name: 1e3 * sec for (phase, name), sec in self.seconds.items() if phase == "prefill"},
+            "bytes_moved_per_decode_step": {f"{src}->{dst}": n / steps for (src, dst, _), n in self.bytes_moved.items()},
+            "decode_steps": decode_steps,
+        }
+
+    def table(self, decode_steps: int) -> str:
+        summary = self.summary(decode_steps)
+        lines = [f"{'step':<12}{'decode ms/step':>16}{'prefill ms':>14}"]
+        for name in STEPS:
+            decode = summary["decode_ms_per_step"].get(name)
+            prefill = summary["prefill_ms"].get(name)
+            lines.append(f"{name:<12}{'-' if decode is None else f'{decode:.3f}':>16}"
+                         f"{'-' if prefill is None else f'{prefill:.1f}':>14}")
+        lines.append("bytes moved per decode step: " + (", ".join(
+            f"{route} {int(n)}" for route, n in summary["bytes_moved_per_decode_step"].items()) or "none"))
+        return "\n".join(lines)
+
+
+def _synchronize(devices) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
 def retrieve_and_apply(query: Tensor, keys: Tensor, values: Tensor, indices: Tensor, page_size: int,
-                       seq_lens: Tensor, scale: float, apply_device: torch.device) -> Tensor:
+                       seq_lens: Tensor, scale: float, apply_device: torch.device,
+                       profile: Optional[StepProfile] = None) -> Tensor:
     """Retrieval on the memory device, transfer of the selected pages, Apply on ``apply_device``.
 
     ``keys``/``values``: ``[B, Hkv, S, D]`` on the memory device; ``indices``: ``int32 [B, Hkv, k]``
@@ -184,12 +242,31 @@ def retrieve_and_apply(query: Tensor, keys: Tensor, values: Tensor, indices: Ten
     gathered valid tokens form a prefix of one length across heads, which ``sparse_apply`` takes as
     ``seq_lens``. Returns ``[B, Hq, D]`` on ``apply_device``.
     """
-    gathered_keys, lengths = ops.gather_retrieve(keys, indices, page_size, seq_lens=seq_lens)
-    gathered_values, _ = ops.gather_retrieve(values, indices, page_size, seq_lens=seq_lens)
-    out, _ = ops.sparse_apply(query.to(apply_device), gathered_keys.to(apply_device),
-                              gathered_values.to(apply_device), None, page_size,
-                              seq_lens=lengths[:, 0].contiguous().to(apply_device), scale=scale)
+    profile = profile or _NO_PROFILE
+    devices = (keys.device, apply_device)
+    with profile.step("decode", "retrieval", devices):
+        gathered_keys, lengths = ops.gather_retrieve(keys, indices, page_size, seq_lens=seq_lens)
+        gathered_values, _ = ops.gather_retrieve(values, indices, page_size, seq_lens=seq_lens)
+        for tensor in (gathered_keys, gathered_values, lengths):
+            profile.moved(tensor, apply_device)
+        gathered_keys, gathered_values = gathered_keys.to(apply_device), gathered_values.to(apply_device)
+        lengths = lengths[:, 0].contiguous().to(apply_device)
+    with profile.step("decode", "apply", devices):
+        out, _ = ops.sparse_apply(query.to(apply_device), gathered_keys, gathered_values, None, page_size,
+                                  seq_lens=lengths, scale=scale)
     return out
+
+
+class _NoProfile:
+    @contextmanager
+    def step(self, phase, name, devices):
+        yield
+
+    def moved(self, tensor, destination):
+        pass
+
+
+_NO_PROFILE = _NoProfile()
 
 
 class MemopsLayer:
@@ -210,6 +287,7 @@ class MemopsLayer:
     def __init__(self, config: MemopsConfig, sparse: bool):
         self.config = config
         self.sparse = sparse
+        self.profile: Optional[StepProfile] = None
         self.reset()
 
     # -- the transformers layer API ----------------------------------------------------------
@@ -369,6 +447,9 @@ class MemopsLayer:
         targets = [(self._key_buf, key_states), (self._value_buf, value_states)]
         if self.sparse and self._prepare_keys is not None:
             targets.append((self._prepare_keys, key_states))
+        if self.profile is not None:
+            for buf, states in targets:
+                self.profile.moved(states, buf.data.device)
         if self.padding_removed:
             for buf, states in targets:
                 rows = torch.arange(lens.shape[0], device=buf.data.device)
@@ -381,7 +462,7 @@ class MemopsLayer:
         self._host_lens = lens + 1
         self._device_lens = {device: t + 1 for device, t in self._device_lens.items()}
         self._refresh_views()
-        self._prepare(first_page=first_page)
+        self._prepare(first_page=first_page, phase="decode")
 
     def _ensure_capacity(self, tokens: int) -> None:
         used = int(self._host_lens.max())
@@ -395,20 +476,23 @@ class MemopsLayer:
             if self._relevancy_summary is not None:
                 self._relevancy_summary.ensure(pages, used_pages)
 
-    def _prepare(self, first_page: int) -> None:
+    def _prepare(self, first_page: int, phase: str = "prefill") -> None:
         """Prepare Memory: recompute pages ``first_page ..`` of the summary (all pages at prefill)."""
         if not self.sparse:
             return
+        profile = self.profile or _NO_PROFILE
         prepare_device = self.devices["prepare"]
-        source = self._prepare_keys.data if self._prepare_keys is not None else self._key_buf.data
-        used = int(self._host_lens.max())
-        mode = METHODS[self.config.method][0]
-        ops.prepare_memory_(self._summary.data, source[:, :, :used], self.config.page_size, first_page,
-                            mode=mode, seq_lens=self.seq_lens_on(prepare_device))
-        if self._relevancy_summary is not None:
-            pages = _ceil_div(used, self.config.page_size)
-            self._relevancy_summary.data[:, :, first_page:pages].copy_(
-                self._summary.data[:, :, first_page:pages])
+        with profile.step(phase, "prepare", set(self.devices.values())):
+            source = self._prepare_keys.data if self._prepare_keys is not None else self._key_buf.data
+            used = int(self._host_lens.max())
+            mode = METHODS[self.config.method][0]
+            ops.prepare_memory_(self._summary.data, source[:, :, :used], self.config.page_size, first_page,
+                                mode=mode, seq_lens=self.seq_lens_on(prepare_device))
+            if self._relevancy_summary is not None:
+                pages = _ceil_div(used, self.config.page_size)
+                changed = self._summary.data[:, :, first_page:pages]
+                profile.moved(changed, self._relevancy_summary.data.device)
+                self._relevancy_summary.data[:, :, first_page:pages].copy_(changed)
 
     def remove_left_padding(self, valid: Tensor) -> None:
         """Move each row's valid prefill tokens (``valid: bool [B, S]``) to the front of its buffer."""
@@ -432,29 +516,38 @@ class MemopsLayer:
 
     def decode_attention(self, query: Tensor, scale: float) -> Tensor:
         """Attention of one decode token ``query: [B, Hq, D]``; returns ``[B, Hq, D]`` on its device."""
-        cfg = self.config
+        cfg, profile = self.config, self.profile or _NO_PROFILE
         memory_device, apply_device = self.memory_device, self.devices["apply"]
+        devices = set(self.devices.values())
+        seq_lens = self.seq_lens_on(memory_device)
         if not self.sparse:
-            out, _ = ops.sparse_apply(query.to(memory_device), self.keys, self.values, None, cfg.page_size,
-                                      seq_lens=self.seq_lens_on(memory_device), scale=scale)
-            return out.to(query.device)
+            with profile.step("decode", "dense", devices):
+                out, _ = ops.sparse_apply(query, self.keys, self.values, None, cfg.page_size, seq_lens=seq_lens,
+                                          scale=scale)
+            return out
         relevancy_device = self.devices["relevancy"]
         pages = _ceil_div(self.keys.shape[2], cfg.page_size)
-        summary = (self._relevancy_summary or self._summary).data[:, :, :pages]
-        num_pages = _ceil_div(self.seq_lens_on(relevancy_device), cfg.page_size)
         budget = pages if cfg.method == "dense" else cfg.budget_pages
-        _, indices = ops.topk_relevancy(
-            query.to(relevancy_device), summary, budget, mode=METHODS[cfg.method][1], num_pages=num_pages,
-            sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, group_reduce=cfg.group_reduce)
-        self.last_selection = indices
-        indices = indices.to(memory_device)
-        seq_lens = self.seq_lens_on(memory_device)
+        with profile.step("decode", "relevancy", devices):
+            profile.moved(query, relevancy_device)
+            summary = (self._relevancy_summary or self._summary).data[:, :, :pages]
+            num_pages = _ceil_div(self.seq_lens_on(relevancy_device), cfg.page_size)
+            _, indices = ops.topk_relevancy(
+                query.to(relevancy_device), summary, budget, mode=METHODS[cfg.method][1], num_pages=num_pages,
+                sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, group_reduce=cfg.group_reduce)
+            self.last_selection = indices
+            profile.moved(indices, memory_device)
+            indices = indices.to(memory_device)
         if apply_device == memory_device:
-            out, _ = ops.sparse_apply(query.to(memory_device), self.keys, self.values, indices, cfg.page_size,
-                                      seq_lens=seq_lens, scale=scale)
+            # Retrieval is fused into Apply: sparse_apply gathers the selected pages itself.
+            with profile.step("decode", "apply", devices):
+                profile.moved(query, memory_device)
+                out, _ = ops.sparse_apply(query.to(memory_device), self.keys, self.values, indices, cfg.page_size,
+                                          seq_lens=seq_lens, scale=scale)
         else:
             out = retrieve_and_apply(query, self.keys, self.values, indices, cfg.page_size, seq_lens, scale,
-                                     apply_device)
+                                     apply_device, profile)
+        profile.moved(out, query.device)
         return out.to(query.device)
 
     def attended_tokens(self) -> Tensor:
@@ -583,9 +676,17 @@ class _Session:
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = text_config.num_hidden_layers
 
-    def new_cache(self):
-        """A fresh :class:`MemopsCache` for this model (``generate()`` inside the context makes one itself)."""
-        return _cache_classes()["MemopsCache"](self.config, self.num_layers)
+    def new_cache(self, prefix: Optional[List[Tuple[Tensor, Tensor]]] = None):
+        """A fresh :class:`MemopsCache` for this model (``generate()`` inside the context makes one itself).
+
+        ``prefix``: per layer ``(keys, values)`` ``[B, Hkv, S, D]`` of an already computed prefill
+        (e.g. from a ``DynamicCache``), written through ``update`` as a prefill would write them,
+        so that several configurations can share one prefill. Rows must hold no padding.
+        """
+        cache = _cache_classes()["MemopsCache"](self.config, self.num_layers)
+        for layer, (keys, values) in zip(cache.layers, prefix or []):
+            layer.update(keys, values)
+        return cache
 
 
 _ACTIVE_COUNT = 0
