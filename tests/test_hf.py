@@ -116,6 +116,16 @@ def test_sampled_generate_matches_dense_with_full_budget():
     assert torch.equal(pipelined, dense)
 
 
+def test_beam_search_matches_dense_with_full_budget():
+    model = tiny_model("llama")
+    ids = prompt(batch=2, length=50)
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+        with hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=FULL_BUDGET)):
+            pipelined = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(pipelined, dense)
+
+
 @pytest.mark.parametrize("method", ["quest", "mean"])
 def test_small_budget_selects_only_the_budget(method):
     model = tiny_model("llama")
