@@ -174,6 +174,22 @@ def test_sparse_decode_matches_reference_pipeline():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_profile_times_every_step_of_every_decode():
+    model = tiny_model("llama")
+    profile = hf.StepProfile()
+    with hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE, dense_layers=1)) as session:
+        cache = session.new_cache()
+        for layer in cache.layers:
+            layer.profile = profile
+        teacher_forced_logits(model, prompt(), cache, steps=4)
+    summary = profile.summary(decode_steps=4)
+    assert set(summary["decode_ms_per_step"]) == {"prepare", "relevancy", "apply", "dense"}
+    assert set(summary["prefill_ms"]) == {"prepare"}
+    assert all(value > 0 for value in summary["decode_ms_per_step"].values())
+    assert summary["bytes_moved_per_decode_step"] == {}, "one device: nothing crosses"
+    assert "relevancy" in profile.table(decode_steps=4)
+
+
 def test_retrieve_and_apply_equals_in_place_apply():
     """The split path (gather the selected pages, then attend) attends to exactly the same tokens."""
     generator = torch.Generator().manual_seed(3)

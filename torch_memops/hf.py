@@ -179,7 +179,9 @@ class _Buffer:
 class StepProfile:
     """Wall time of the four steps and bytes moved between devices, summed over a run.
 
-    Attach one to every layer of a cache (``layer.profile = StepProfile()``). Timing synchronises
+    Attach one to every layer of a cache (``layer.profile = StepProfile()``). ``"dense"`` is the
+    decode attention of the leading dense layers; ``"retrieval"`` appears only when Apply runs on
+    another device than the memory (otherwise it is fused into ``"apply"``). Timing synchronises
     CUDA devices around each step, so a profiled run is slower than an unprofiled one; it shows
     where the time goes, not the fastest time. Prefill work is kept apart from decode work.
     """
@@ -215,7 +217,7 @@ class StepProfile:
     def table(self, decode_steps: int) -> str:
         summary = self.summary(decode_steps)
         lines = [f"{'step':<12}{'decode ms/step':>16}{'prefill ms':>14}"]
-        for name in STEPS:
+        for name in (*STEPS, "dense"):
             decode = summary["decode_ms_per_step"].get(name)
             prefill = summary["prefill_ms"].get(name)
             lines.append(f"{name:<12}{'-' if decode is None else f'{decode:.3f}':>16}"
@@ -612,6 +614,7 @@ def memops_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layer = _updated_layer(key)
+    _LAST_UPDATE.layer = _LAST_UPDATE.keys = None  # do not keep a finished cache alive
     if layer is None or query.shape[2] > 1:
         output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                         dropout=dropout, **kwargs)
