@@ -8,7 +8,8 @@ once and shared by all budgets (prefill is dense in the pipeline too):
   next-token distribution is compared with dense attention's: top-1 agreement, mean
   KL(dense || pipeline) in nats, and the perplexity of the text under both.
 * Passkey retrieval (the filler-text task of Mohtashami & Jaggi 2023, used by Quest): a 5-digit
-  key hidden at a depth of a "The grass is green..." filler; greedy decoding must reproduce it.
+  key hidden at a depth of a "The grass is green..." filler. The filler is prefilled; the question
+  is fed one token at a time and the answer decoded greedily, all through the cache under test.
 
     python benchmarks/bench_accuracy.py --json results/accuracy.json      # the CPU plan, ~20 min
     python benchmarks/bench_accuracy.py --quick                            # a smoke run, ~2 min
@@ -56,15 +57,18 @@ def dense_cache(model, prefix):
     return cache
 
 
-def decode(model, cache, first_token, steps, forced=None):
-    """``steps`` one-token forwards from ``first_token``; feeds ``forced`` tokens if given, else greedy."""
-    token = first_token.view(1, 1)
+def decode(model, cache, fed, steps):
+    """``steps`` one-token forwards: the tokens of ``fed`` (``[1, n]``) first, then greedy ones.
+
+    Returns the ``[steps, vocab]`` logits; row ``i`` predicts the token after the ``i``-th fed one.
+    """
+    token = fed[:, :1]
     logits = []
     with torch.no_grad():
         for step in range(steps):
             out = model(input_ids=token, use_cache=True, **{hf.cache_argument(model): cache})
             logits.append(out.logits[:, -1].float())
-            token = forced[:, step + 1:step + 2] if forced is not None else logits[-1].argmax(-1, keepdim=True)
+            token = fed[:, step + 1:step + 2] if step + 1 < fed.shape[1] else logits[-1].argmax(-1, keepdim=True)
     return torch.cat(logits)
 
 
@@ -86,7 +90,7 @@ def text_task(model, tokenizer, context, steps, budgets, args):
     forced = tokens[:, context:context + steps]
     targets = tokens[0, context + 1:context + steps + 1]
     logits = pipeline_runs(model, prefix, budgets, args,
-                           lambda cache: decode(model, cache, forced[0, 0], steps, forced=forced))
+                           lambda cache: decode(model, cache, forced, steps))
     dense_logp = torch.log_softmax(logits["dense"], -1)
     rows = []
     for name, got in logits.items():
@@ -102,31 +106,35 @@ def text_task(model, tokenizer, context, steps, budgets, args):
 
 
 def passkey_prompt(tokenizer, context, depth, key):
-    """A prompt of about ``context`` tokens with the key sentence at ``depth`` (0 = start, 1 = end)."""
+    """``(haystack_ids, question_ids)``: about ``context`` tokens in all, the key at ``depth`` (0..1)."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
-    fixed = len(tokenizer(PASSKEY_INTRO + needle + PASSKEY_QUESTION, add_special_tokens=False).input_ids)
+    question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False).input_ids
+    fixed = len(tokenizer(PASSKEY_INTRO + needle, add_special_tokens=False).input_ids) + len(question)
     filler_tokens = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
     repeats = max((context - fixed) // filler_tokens, 1)
     before = round(repeats * depth)
-    text = PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before) + PASSKEY_QUESTION
-    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    haystack = PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before)
+    return (torch.tensor([tokenizer(haystack, add_special_tokens=False).input_ids]), torch.tensor([question]))
 
 
 def passkey_task(model, tokenizer, context, depths, budgets, args, rng):
+    """The haystack is prefilled (dense); the question is then fed one token at a time and the answer
+    generated greedily, so that the question and every answer token go through the cache under test
+    (as in Quest's evaluation, which decodes the prompt's tail token by token)."""
     rows = []
     for depth in depths:
         key = rng.randrange(10000, 100000)
-        ids = passkey_prompt(tokenizer, context, depth, key)
+        haystack, question = passkey_prompt(tokenizer, context, depth, key)
         start = time.perf_counter()
-        last_logits, prefix = prefill(model, ids)
-        first = last_logits.argmax(-1)
-        generated = pipeline_runs(model, prefix, budgets, args,
-                                  lambda cache: decode(model, cache, first, args.passkey_new_tokens))
+        _, prefix = prefill(model, haystack)
+        steps = question.shape[1] + args.passkey_new_tokens - 1
+        generated = pipeline_runs(model, prefix, budgets, args, lambda cache: decode(model, cache, question, steps))
         for name, logits in generated.items():
-            text = tokenizer.decode([int(first)] + logits.argmax(-1).tolist())
-            rows.append({"context": ids.shape[1], "depth": depth, "budget": name, "key": key,
-                         "answer": text.strip(), "correct": str(key) in text})
-        print(f"passkey context {ids.shape[1]} depth {depth}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            text = tokenizer.decode(logits[question.shape[1] - 1:].argmax(-1).tolist())
+            rows.append({"context": haystack.shape[1] + question.shape[1], "depth": depth, "budget": name,
+                         "key": key, "answer": text.strip(), "correct": str(key) in text})
+        print(f"passkey context {haystack.shape[1] + question.shape[1]} depth {depth}: "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     return rows
 
 
@@ -155,9 +163,9 @@ def print_tables(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
-    parser.add_argument("--text-contexts", type=int, nargs="+", default=[2048, 8000])
+    parser.add_argument("--text-contexts", type=int, nargs="*", default=[2048, 8000])
     parser.add_argument("--text-steps", type=int, default=24, help="decode positions compared per context")
-    parser.add_argument("--passkey-contexts", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--passkey-contexts", type=int, nargs="*", default=[2048, 8000])
     parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--passkey-new-tokens", type=int, default=6)
     parser.add_argument("--method", default="quest", choices=("quest", "mean"))
