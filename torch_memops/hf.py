@@ -618,7 +618,8 @@ def memops_attention(module, query, key, value, attention_mask, scaling=None, dr
     if layer is None or query.shape[2] > 1:
         output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                         dropout=dropout, **kwargs)
-        if layer is not None and attention_mask is not None and not layer.padding_removed and layer.seen_tokens == query.shape[2]:
+        first_prefill = layer is not None and layer.seen_tokens == query.shape[2] and not layer.padding_removed
+        if first_prefill and attention_mask is not None:
             # The last query row of the causal prefill mask marks exactly the row's valid tokens.
             layer.remove_left_padding(attention_mask[:, 0, -1, :].to(torch.bool))
         return output
@@ -626,12 +627,6 @@ def memops_attention(module, query, key, value, attention_mask, scaling=None, dr
         scaling = query.shape[-1] ** -0.5
     out = layer.decode_attention(query[:, :, 0].contiguous(), scaling)
     return out[:, None], None
-
-
-def _memops_mask(*args, **kwargs):
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, **kwargs)
 
 
 def _check_supported(model) -> None:
@@ -697,10 +692,11 @@ _ACTIVE_COUNT = 0
 
 def _register_interfaces() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, memops_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _memops_mask)
+    # Prefill runs SDPA, so it takes SDPA's boolean mask; decode reads only seq_lens.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def _unregister_interfaces() -> None:
