@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--context-tokens", type=int, default=2000, help="licence-text tokens in the prompt")
         sub.add_argument("--new-tokens", type=int, default=20)
-        sub.add_argument("--budget", type=int, default=256, help="tokens attended per decode step")
+        sub.add_argument("--budget", type=int, default=1024, help="tokens attended per decode step")
         sub.add_argument("--page-size", type=int, default=16)
         sub.add_argument("--method", default="quest", choices=("quest", "mean", "dense"))
         sub.add_argument("--sink-pages", type=int, default=1)

@@ -216,11 +216,11 @@ class StepProfile:
 
     def table(self, decode_steps: int) -> str:
         summary = self.summary(decode_steps)
-        lines = [f"{'step':<12}{'decode ms/step':>16}{'prefill ms':>14}"]
+        lines = [f"{'step (all layers)':<18}{'decode ms/step':>16}{'prefill ms':>14}"]
         for name in (*STEPS, "dense"):
             decode = summary["decode_ms_per_step"].get(name)
             prefill = summary["prefill_ms"].get(name)
-            lines.append(f"{name:<12}{'-' if decode is None else f'{decode:.3f}':>16}"
+            lines.append(f"{name:<18}{'-' if decode is None else f'{decode:.3f}':>16}"
                          f"{'-' if prefill is None else f'{prefill:.1f}':>14}")
         lines.append("bytes moved per decode step: " + (", ".join(
             f"{route} {int(n)}" for route, n in summary["bytes_moved_per_decode_step"].items()) or "none"))
