@@ -142,7 +142,7 @@ def resolve_device(kind: str, model_device: torch.device) -> torch.device:
             "MemopsConfig.placement names 'fpga', but the FPGA device is not available: "
             "torch_memops.fpga is not importable or did not register torch.device('fpga')"
         )
-    return torch.device("fpga")
+    return torch.device("fpga", 0)
 
 
 def fpga_available() -> bool:
