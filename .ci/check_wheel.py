@@ -36,8 +36,10 @@ def main(wheel: str) -> None:
         env_dir = Path(tmp) / "venv"
         venv.create(env_dir, system_site_packages=True, with_pip=True)
         python = str(env_dir / "bin" / "python")
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", wheel],
-                       check=True)
+        # --ignore-installed: a torch_memops of the same version in the system site-packages
+        # (visible through --system-site-packages) would otherwise count as installed.
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--ignore-installed", wheel], check=True)
         # Run from the temporary folder, so that the checkout's sources cannot be imported.
         subprocess.run([python, "-c", SMOKE], check=True, cwd=tmp)
 
