@@ -1,5 +1,6 @@
 #include "validate.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace memops {
@@ -102,6 +103,10 @@ void check_prepare_memory_inplace(const at::Tensor& summary, const at::Tensor& k
               ": `summary` must have the dtype of `keys` (", keys.scalar_type(), "), got ",
               summary.scalar_type());
   check_last_dim_contiguous(op, "summary", summary);
+  // Pages are written in parallel: two pages sharing memory (an expanded view) would race.
+  TORCH_CHECK(at::has_internal_overlap(summary) != at::MemOverlap::Yes, "memops.", op,
+              ": `summary` has elements that share memory (strides ", summary.strides(),
+              "); pass a tensor whose elements are distinct, e.g. summary.contiguous()");
   const int64_t n_pages = ceil_div(keys.size(2), page_size);
   const int64_t reps = m == SummaryMode::kMinMax ? 2 : 1;
   TORCH_CHECK(summary.size(0) == keys.size(0) && summary.size(1) == keys.size(1) &&

@@ -86,6 +86,8 @@ SHAPE_AND_TYPE_CASES = [
      "`summary`"),
     ("prepare_/summary-pages", lambda v: prepare_inplace(v, summary=v.summary[:, :, :N - 1]),
      "`summary`"),
+    ("prepare_/summary-overlap",
+     lambda v: prepare_inplace(v, summary=v.summary[:, :1].expand(B, HKV, N, 2, D)), "`summary`"),
     ("prepare_/mode-R", lambda v: prepare_inplace(v, mode="mean"), "`summary`"),
     ("prepare_/mode-R-mean", lambda v: prepare_inplace(v, summary=v.mean_summary), "`summary`"),
     ("prepare_/keys-rank", lambda v: prepare_inplace(v, keys=v.keys[0]), "`keys`"),
