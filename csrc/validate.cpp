@@ -261,6 +261,12 @@ void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
   check_same_device(op, "lse_b", lse_b, "out_a", out_a);
 }
 
+at::Tensor new_summary(const at::Tensor& keys, int64_t page_size, SummaryMode mode) {
+  return at::empty({keys.size(0), keys.size(1), ceil_div(keys.size(2), page_size),
+                    mode == SummaryMode::kMinMax ? 2 : 1, keys.size(3)},
+                   keys.options());
+}
+
 void check_seq_lens_values(const char* op, const std::optional<at::Tensor>& seq_lens,
                            int64_t num_tokens) {
   if (!seq_lens.has_value()) return;

@@ -34,6 +34,9 @@ void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
 void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
                            const at::Tensor& out_b, const at::Tensor& lse_b);
 
+// The output of prepare_memory, [B, Hkv, ceil(S / P), R, D] like `keys`, uninitialised.
+at::Tensor new_summary(const at::Tensor& keys, int64_t page_size, SummaryMode mode);
+
 // Value checks for backends whose data the host can read without a device sync (CPU, FPGA
 // emulation reads its host copy). `seq_lens` in [0, S]; `num_pages` in [0, N]; `indices` in
 // [-1, N).

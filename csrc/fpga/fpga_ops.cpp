@@ -124,10 +124,7 @@ at::Tensor prepare_memory_fpga(const at::Tensor& keys, int64_t page_size, c10::s
   check_word_layout("prepare_memory", "keys", keys);
   check_seq_lens_values("prepare_memory", seq_lens, keys.size(2));
   const SummaryMode m = parse_summary_mode("prepare_memory", mode_s);
-  at::Tensor summary =
-      at::empty({keys.size(0), keys.size(1), ceil_div(keys.size(2), page_size),
-                 m == SummaryMode::kMinMax ? 2 : 1, keys.size(3)},
-                keys.options());
+  at::Tensor summary = new_summary(keys, page_size, m);
   launch_prepare_memory(keys, summary, page_size, 0, m, seq_lens);
   return summary;
 }
