@@ -40,10 +40,7 @@ at::Tensor prepare_memory_cuda(const at::Tensor& keys, int64_t page_size, c10::s
   check_prepare_memory(keys, page_size, mode_s, seq_lens);
   const c10::cuda::CUDAGuard guard(keys.device());
   const SummaryMode m = parse_summary_mode("prepare_memory", mode_s);
-  at::Tensor summary =
-      at::empty({keys.size(0), keys.size(1), ceil_div(keys.size(2), page_size),
-                 m == SummaryMode::kMinMax ? 2 : 1, keys.size(3)},
-                keys.options());
+  at::Tensor summary = new_summary(keys, page_size, m);
   summarise_pages(keys, summary, page_size, 0, m, seq_lens);
   return summary;
 }
