@@ -214,6 +214,93 @@ def test_topk_relevancy_million_pages_k4096():
     assert torch.equal(got_s.cpu(), want_s)
 
 
+# The 16-bit summaries with D of 64 or 128 and groups of up to 8 heads are scored on the tensor
+# cores, and rows of up to 8192 pages are selected inside the scoring kernel; these cases cover
+# both sides of each of those limits and many blocks per row.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,reps", [("bound", 2), ("dot", 1), ("dot", 2)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("hq_hkv", [(8, 8), (32, 8), (28, 4), (64, 8), (40, 4)])
+def test_topk_relevancy_tensor_core_paths(dtype, mode, reps, D, hq_hkv):
+    check_integer_topk(dtype, mode, reps, D, hq_hkv, N=3001, k=129)
+
+
+@pytest.mark.parametrize("mode,reps", [("bound", 2), ("dot", 2)])
+def test_topk_relevancy_tensor_core_long_rows_select_separately(mode, reps):
+    check_integer_topk(torch.bfloat16, mode, reps, 128, (32, 8), N=9000, k=300)
+
+
+@pytest.mark.parametrize("switch", ["MEMOPS_CUDA_FUSED_SELECT", "MEMOPS_CUDA_TENSOR_CORES"])
+def test_topk_relevancy_switches_give_the_same_selection(switch, monkeypatch):
+    # Integer data: the fused and separate selections, and the tensor-core and portable kernels,
+    # must agree exactly; the switches are read at every call.
+    B, Hq, Hkv, N, D, k = 3, 32, 8, 2500, 128, 100
+    query = integer_tensor(B, Hq, D, dtype=torch.bfloat16)
+    a, b = (integer_tensor(B, Hkv, N, D, dtype=torch.bfloat16) for _ in range(2))
+    summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
+    num_pages = torch.tensor([N, 7, 1000], dtype=torch.int32, device=DEV)
+    args = dict(num_pages=num_pages, sink_pages=2, recent_pages=3)
+    default = ops.topk_relevancy(query, summary, k, **args)
+    monkeypatch.setenv(switch, "0")
+    switched = ops.topk_relevancy(query, summary, k, **args)
+    assert torch.equal(default[1], switched[1]) and torch.equal(default[0], switched[0])
+
+
+def test_sparse_apply_portable_and_tensor_core_kernels_agree(monkeypatch):
+    B, Hq, Hkv, S, D, P = 2, 32, 8, 3000, 128, 16
+    query = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    idx = sorted_page_indices(B, Hkv, 40, -(-S // P))
+    out, lse = ops.sparse_apply(query, k_cache, v_cache, idx, P)
+    monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", "0")
+    out_portable, lse_portable = ops.sparse_apply(query, k_cache, v_cache, idx, P)
+    # Both within one bf16 rounding of the output (the tensor-core kernel also rounds P to bf16).
+    torch.testing.assert_close(out.float(), out_portable.float(), rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(lse, lse_portable, rtol=1e-5, atol=1e-5)
+
+
+def check_integer_topk(dtype, mode, reps, D, hq_hkv, N, k):
+    Hq, Hkv = hq_hkv
+    B = 2
+    query = integer_tensor(B, Hq, D, dtype=dtype)
+    if mode == "bound":
+        a, b = integer_tensor(B, Hkv, N, D, dtype=dtype), integer_tensor(B, Hkv, N, D, dtype=dtype)
+        summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
+    else:
+        summary = integer_tensor(B, Hkv, N, reps, D, dtype=dtype)
+    num_pages = torch.tensor([N, N // 2 + 5], dtype=torch.int32, device=DEV)
+    args = dict(mode=mode, num_pages=num_pages, sink_pages=1, recent_pages=4)
+    got_s, got_i = ops.topk_relevancy(query, summary, k, **args)
+    want_s, want_i = reference.topk_relevancy(query.cpu(), summary.cpu(), k,
+                                              **{**args, "num_pages": num_pages.cpu()})
+    # Integer data: every product and partial sum is exact, so the selection is the reference's.
+    assert torch.equal(got_i.cpu(), want_i)
+    assert torch.equal(got_s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_reduce", ["max", "sum"])
+def test_topk_relevancy_tensor_core_non_finite_pages_match_the_reference(dtype, group_reduce):
+    # inf and NaN in the summary or the query (0 * inf) are scored by the exact scalar formula.
+    B, Hq, Hkv, N, D, k = 1, 8, 2, 64, 128, 20
+    query = integer_tensor(B, Hq, D, dtype=dtype)
+    query[0, 0, :4] = 0
+    query[0, 3, 7] = float("inf")
+    a, b = integer_tensor(B, Hkv, N, D, dtype=dtype), integer_tensor(B, Hkv, N, D, dtype=dtype)
+    summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
+    summary[0, 0, 3, 0, 0] = -float("inf")  # meets q = 0: NaN in the reference
+    summary[0, 0, 5, 1, 9] = float("inf")
+    summary[0, 1, 7, :, 20] = float("nan")
+    summary[0, 1, 9, 0, :] = float("inf")  # min above max: an empty page's summary
+    summary[0, 1, 9, 1, :] = -float("inf")
+    got_s, got_i = ops.topk_relevancy(query, summary, k, group_reduce=group_reduce)
+    want_s, want_i = reference.topk_relevancy(query.cpu(), summary.cpu(), k,
+                                              group_reduce=group_reduce)
+    assert torch.equal(got_i.cpu(), want_i)
+    torch.testing.assert_close(got_s.cpu(), want_s, rtol=0, atol=0, equal_nan=True)
+
+
 def test_topk_relevancy_out_of_range_num_pages_is_clamped():
     # CUDA does not read num_pages back (no host sync): values outside [0, N] are clamped.
     B, Hq, Hkv, N, D, k = 2, 4, 2, 50, 32, 8
@@ -287,7 +374,7 @@ def check_attention(query, k_cache, v_cache, idx, P, lens, scale=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq_hkv", [(4, 4), (6, 2), (8, 2), (16, 2), (7, 1)])
+@pytest.mark.parametrize("hq_hkv", [(4, 4), (6, 2), (8, 2), (16, 2), (7, 1), (32, 2)])
 @pytest.mark.parametrize("index_heads", ["kv", "q", "dense"])
 def test_sparse_apply(dtype, hq_hkv, index_heads):
     Hq, Hkv = hq_hkv

@@ -6,6 +6,11 @@
 #include "memops/prepare_memory.cuh"
 #include "memops/sparse_apply.cuh"
 #include "memops/topk_relevancy.cuh"
+#if !defined(__HIPCC__)
+// The tensor-core kernels are CUDA only (mma.cuh); HIP runs the portable kernels above.
+#include "memops/sparse_apply_tc.cuh"
+#include "memops/topk_relevancy_tc.cuh"
+#endif
 
 namespace memops {
 
@@ -31,6 +36,28 @@ int instantiate_all_widths() {
   return failed;
 }
 
+#if !defined(__HIPCC__)
+template <typename T>
+int instantiate_tensor_core() {
+  const gpu::Stream stream{};
+  int failed = launch_sparse_apply_tc<T>(SparseApplyParams{}, stream) != gpu::kSuccess;
+  for (const int64_t dim : {64, 128}) {
+    for (const RelevancyMode mode : {RelevancyMode::kBound, RelevancyMode::kDot}) {
+      for (const int64_t reps : {1, 2}) {
+        RelevancyParams p{};
+        p.batch = 1;
+        p.kv_heads = 1;
+        p.dim = dim;
+        p.mode = mode;
+        p.reps = reps;
+        failed += launch_relevancy_tc<T>(p, SelectParams{}, nullptr, 1, stream) != gpu::kSuccess;
+      }
+    }
+  }
+  return failed;
+}
+#endif
+
 int instantiate_all() {
   int failed = instantiate_all_widths<float>() + instantiate_all_widths<gpu::Half>() +
                instantiate_all_widths<gpu::BFloat16>();
@@ -39,6 +66,9 @@ int instantiate_all() {
   failed += launch_gather_retrieve<unsigned char>(GatherRetrieveParams{}, 1, stream) !=
             gpu::kSuccess;
   failed += launch_gather_retrieve<uint4>(GatherRetrieveParams{}, 1, stream) != gpu::kSuccess;
+#if !defined(__HIPCC__)
+  failed += instantiate_tensor_core<gpu::Half>() + instantiate_tensor_core<gpu::BFloat16>();
+#endif
   return failed;
 }
 

@@ -8,7 +8,9 @@
 
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "cuda/launch.h"
 
@@ -52,6 +54,31 @@ inline int grid_limit(int blocks_per_sm) {
     if (device < 64) counts[device].store(sms);
   }
   return sms * blocks_per_sm;
+}
+
+// Switches for benchmarks and bisection, read at every call (so a process can compare both
+// paths): unset or anything but "0" means on.
+//   MEMOPS_CUDA_TENSOR_CORES=0   the portable CUDA-core kernels for every dtype
+//   MEMOPS_CUDA_FUSED_SELECT=0   topk_relevancy selects in a kernel of its own
+inline bool env_switch(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::string(value) != "0";
+}
+
+// The tensor-core kernels (mma.m16n8k16 with bf16, movmatrix) need sm_80 or newer. The
+// capability is read once per device.
+inline bool tensor_cores_available() {
+  if (!env_switch("MEMOPS_CUDA_TENSOR_CORES")) return false;
+  static std::array<std::atomic<int>, 64> majors{};
+  const int device = c10::cuda::current_device();
+  int major = device < 64 ? majors[device].load() : 0;
+  if (major == 0) {
+    TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                    cudaSuccess,
+                "memops: cannot read the compute capability of CUDA device ", device);
+    if (device < 64) majors[device].store(major);
+  }
+  return major >= 8;
 }
 
 // True when a tensor can be read 16 bytes at a time: data pointer aligned and every stride

@@ -22,6 +22,14 @@ cudaError_t launch_topk_relevancy(const RelevancyParams& scores, const SelectPar
 // `max_heads`: 1, 4 or 8, the query heads one block serves (plan_sparse_apply used the same).
 cudaError_t launch_sparse_apply(const SparseApplyParams& p, ElementType type, bool vectorized,
                                 int max_heads, cudaStream_t stream);
+// Tensor-core paths (sm_80+, 16-bit types; the bindings check relevancy_tc_supported /
+// sparse_apply_tc_supported and the device). `done`: rows zeroed ints to fuse the selection into
+// the scoring kernel, or nullptr for the separate selection kernel.
+cudaError_t launch_topk_relevancy_tc(const RelevancyParams& scores, const SelectParams& select,
+                                     ElementType type, int* done, int resident_blocks,
+                                     cudaStream_t stream);
+cudaError_t launch_sparse_apply_tc(const SparseApplyParams& p, ElementType type,
+                                   cudaStream_t stream);
 cudaError_t launch_merge_attention(const MergeAttentionParams& p, ElementType type,
                                    int max_blocks, cudaStream_t stream);
 // `unit_bytes`: 16, 8, 4, 2 or 1, the widest copy the row size, strides and addresses allow.

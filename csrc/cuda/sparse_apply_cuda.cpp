@@ -49,9 +49,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   }
   p.scale = scale.has_value() ? static_cast<float>(*scale)
                               : 1.f / std::sqrt(static_cast<float>(D));
+  const bool vectorized = allows_vector(query) && allows_vector(k_cache) &&
+                          allows_vector(v_cache);
+  const bool tensor_cores = tensor_cores_available() &&
+                            sparse_apply_tc_supported(p, vectorized, query.scalar_type() != at::kFloat);
   const int64_t row_heads = p.index_heads != Hkv ? 1 : G;
   const int max_heads = row_heads == 1 ? 1 : (row_heads <= 4 ? 4 : 8);
-  plan_sparse_apply(p, max_heads, grid_limit(2));
+  if (tensor_cores)
+    plan_sparse_apply_tc(p, grid_limit(4));
+  else
+    plan_sparse_apply(p, max_heads, grid_limit(2));
   TORCH_CHECK(B * p.index_heads * p.head_chunks <= 65535, "memops.sparse_apply: the CUDA "
               "kernel supports at most 65535 (batch, head) rows, got ",
               B * p.index_heads * p.head_chunks);
@@ -61,10 +68,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   p.partial_acc = partial_acc.mutable_data_ptr<float>();
   p.partial_max = partial_stats.mutable_data_ptr<float>();
   p.partial_sum = p.partial_max + B * Hq * p.splits;
-  const bool vectorized = allows_vector(query) && allows_vector(k_cache) &&
-                          allows_vector(v_cache);
-  check_launch(cuda::launch_sparse_apply(p, element_type(query), vectorized, max_heads,
-                                         current_stream()),
+  check_launch(tensor_cores ? cuda::launch_sparse_apply_tc(p, element_type(query),
+                                                           current_stream())
+                            : cuda::launch_sparse_apply(p, element_type(query), vectorized,
+                                                        max_heads, current_stream()),
                "sparse_apply");
   return {out, lse};
 }

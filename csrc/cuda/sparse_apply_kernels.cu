@@ -1,5 +1,6 @@
 #include "cuda/kernels_common.cuh"
 #include "memops/sparse_apply.cuh"
+#include "memops/sparse_apply_tc.cuh"
 
 namespace memops {
 namespace cuda {
@@ -21,6 +22,13 @@ cudaError_t launch_sparse_apply(const SparseApplyParams& p, ElementType type, bo
     return vectorized ? launch_for_heads<T, 16 / sizeof(T)>(p, max_heads, stream)
                       : launch_for_heads<T, 1>(p, max_heads, stream);
   });
+}
+
+cudaError_t launch_sparse_apply_tc(const SparseApplyParams& p, ElementType type,
+                                   cudaStream_t stream) {
+  if (type == ElementType::kBFloat16) return memops::launch_sparse_apply_tc<gpu::BFloat16>(p, stream);
+  if (type == ElementType::kFloat16) return memops::launch_sparse_apply_tc<gpu::Half>(p, stream);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

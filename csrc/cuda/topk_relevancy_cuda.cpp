@@ -56,9 +56,23 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
   sp.k = k;
   sp.sink_pages = sink_pages;
   sp.recent_pages = recent_pages;
-  check_launch(cuda::launch_topk_relevancy(rp, sp, element_type(query), allows_vector(summary),
-                                           grid_limit(8), current_stream()),
-               "topk_relevancy");
+  const bool vectorized = allows_vector(summary) && allows_vector(query);
+  if (tensor_cores_available() &&
+      relevancy_tc_supported(rp, vectorized, query.scalar_type() != at::kFloat)) {
+    // Rows short enough are selected by the scoring kernel's last block of each row; the
+    // per-row done counters are zeroed here (a memset, so the step stays graph-capturable).
+    at::Tensor done;
+    if (N <= kFusedSelectMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT")) done = at::zeros({B * Hkv}, query.options().dtype(at::kInt));
+    check_launch(cuda::launch_topk_relevancy_tc(
+                     rp, sp, element_type(query),
+                     done.defined() ? done.mutable_data_ptr<int32_t>() : nullptr, grid_limit(2),
+                     current_stream()),
+                 "topk_relevancy");
+  } else {
+    check_launch(cuda::launch_topk_relevancy(rp, sp, element_type(query), allows_vector(summary),
+                                             grid_limit(8), current_stream()),
+                 "topk_relevancy");
+  }
   return {top_scores, top_indices};
 }
 

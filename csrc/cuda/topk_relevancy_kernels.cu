@@ -1,5 +1,6 @@
 #include "cuda/kernels_common.cuh"
 #include "memops/topk_relevancy.cuh"
+#include "memops/topk_relevancy_tc.cuh"
 
 namespace memops {
 namespace cuda {
@@ -14,6 +15,18 @@ cudaError_t launch_topk_relevancy(const RelevancyParams& scores, const SelectPar
                : memops::launch_relevancy_scores<T, 1>(scores, target_blocks, stream);
   });
   if (e != cudaSuccess) return e;
+  return memops::launch_select_topk(select, scores.batch * scores.kv_heads, stream);
+}
+
+cudaError_t launch_topk_relevancy_tc(const RelevancyParams& scores, const SelectParams& select,
+                                     ElementType type, int* done, int resident_blocks,
+                                     cudaStream_t stream) {
+  cudaError_t e = cudaErrorInvalidValue;
+  if (type == ElementType::kBFloat16)
+    e = memops::launch_relevancy_tc<gpu::BFloat16>(scores, select, done, resident_blocks, stream);
+  if (type == ElementType::kFloat16)
+    e = memops::launch_relevancy_tc<gpu::Half>(scores, select, done, resident_blocks, stream);
+  if (e != cudaSuccess || done != nullptr) return e;
   return memops::launch_select_topk(select, scores.batch * scores.kv_heads, stream);
 }
 

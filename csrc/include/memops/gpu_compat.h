@@ -73,6 +73,17 @@ __device__ __forceinline__ void histogram_add(unsigned* hist, unsigned bin) {
 #endif
 }
 
+// A float written by another block of the same kernel (published with a fence and an atomic):
+// read from L2, never from this multiprocessor's L1. On HIP only the separate selection kernel
+// reads scores, after a kernel boundary, so a plain load is enough.
+__device__ __forceinline__ float load_l2(const float* p) {
+#if defined(__HIPCC__)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
 // 16-byte (or narrower) vector of VEC elements of T, loaded and stored in one access.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {

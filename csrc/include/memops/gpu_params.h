@@ -105,4 +105,41 @@ inline void plan_sparse_apply(SparseApplyParams& p, int max_heads_per_block, int
   p.splits = max64(1, ceil_div(p.slots, p.slots_per_split));
 }
 
+// Query heads of one GQA group that the tensor-core kernels serve at once (the N of an m16n8k16
+// product), and the longest rows whose top-k is selected inside the scoring kernel (their keys
+// sit in shared memory).
+constexpr int64_t kTensorCoreMaxHeads = 8;
+constexpr int64_t kFusedSelectMaxPages = 8192;  // select_detail::kSmallMaxPages
+
+// Whether the tensor-core scoring kernel (topk_relevancy_tc.cuh) takes these parameters; the
+// binding checks the device (sm_80+).
+inline bool relevancy_tc_supported(const RelevancyParams& p, bool vectorized, bool sixteen_bit) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  const bool mode_ok = (p.mode == RelevancyMode::kBound && p.reps == 2) ||
+                       (p.mode == RelevancyMode::kDot && (p.reps == 1 || p.reps == 2));
+  return sixteen_bit && vectorized && mode_ok && (p.dim == 64 || p.dim == 128) &&
+         group >= 1 && group <= kTensorCoreMaxHeads;
+}
+
+// Whether the tensor-core sparse_apply kernel (sparse_apply_tc.cuh) takes these parameters.
+inline bool sparse_apply_tc_supported(const SparseApplyParams& p, bool vectorized,
+                                      bool sixteen_bit) {
+  return sixteen_bit && vectorized && (p.dim == 64 || p.dim == 128);
+}
+
+// The tensor-core kernel (sparse_apply_tc.cuh): blocks of 4 warps serve up to 8 query heads;
+// as many splits as fit the resident blocks in one wave, each at least 64 tokens (a 16-token
+// tile per warp). Shapes only, as plan_sparse_apply.
+inline void plan_sparse_apply_tc(SparseApplyParams& p, int resident_blocks) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t row_heads = p.index_heads != p.kv_heads ? 1 : group;
+  p.head_chunks = ceil_div(row_heads, kTensorCoreMaxHeads);
+  const int64_t rows = p.batch * p.index_heads * p.head_chunks;
+  const int64_t max_splits =
+      max64(1, min64(kApplyMaxSplits, ceil_div(p.slots * p.page_size, 64)));
+  const int64_t wanted = max64(1, min64(max_splits, resident_blocks / max64(rows, 1)));
+  p.slots_per_split = max64(1, ceil_div(p.slots, wanted));
+  p.splits = max64(1, ceil_div(p.slots, p.slots_per_split));
+}
+
 }  // namespace memops

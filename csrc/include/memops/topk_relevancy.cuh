@@ -177,11 +177,9 @@ __global__ void __launch_bounds__(relevancy_detail::kThreads)
 
 namespace select_detail {
 
-constexpr int kThreads = 512;
 constexpr int kItems = 4;  // consecutive pages per thread in the ordered compaction
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
-constexpr int kWarps = kThreads / gpu::kWarpSize;
 // Rows of up to this many pages keep their keys in shared memory for all passes.
 constexpr int64_t kMaxSharedKeys = 40 * 1024;
 
@@ -202,7 +200,9 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
 }
 
 // Exclusive prefix sum of `v` over the block in thread order; `total` gets the block's sum.
+template <int kThreads>
 __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& total) {
+  constexpr int kWarps = kThreads / gpu::kWarpSize;
   const int lane = threadIdx.x % gpu::kWarpSize, warp = threadIdx.x / gpu::kWarpSize;
   const int inclusive = warp_inclusive_scan(v, lane);
   if (lane == gpu::kWarpSize - 1) warp_sums[warp] = inclusive;
@@ -222,20 +222,23 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
 
 }  // namespace select_detail
 
-// One block per (b, kv) row. Radix select, 11 bits a pass from the top (3 passes), finds the key
-// of the k'-th best candidate (k' = k minus the forced pages) and how many candidates with
-// exactly that key to take (the lowest page indices: ties go to the lower index). A block-wide
-// ordered compaction then writes the chosen pages in ascending order; the rest of the row is
-// -1 / -inf. Rows that fit keep their keys in shared memory, so the scores are read once.
-__global__ void __launch_bounds__(select_detail::kThreads)
-    select_topk_kernel(SelectParams p, bool keys_in_shared) {
+// Exact top-k of one (b, kv) row by a block of kThreads threads. Radix select, 11 bits a pass
+// from the top (3 passes), finds the key of the k'-th best candidate (k' = k minus the forced
+// pages) and how many candidates with exactly that key to take (the lowest page indices: ties go
+// to the lower index). A block-wide ordered compaction then writes the chosen pages in ascending
+// order; the rest of the row is -1 / -inf. With `keys_in_shared` the keys of the row sit in
+// `shared_keys` (p.pages entries), so the scores are read once. Scores are read through L2 only:
+// the fused kernel selects rows whose scores other blocks have just written.
+template <int kThreads>
+__device__ void select_topk_row(const SelectParams& p, int64_t row, uint32_t* shared_keys,
+                                bool keys_in_shared) {
   using namespace select_detail;
-  extern __shared__ uint32_t shared_keys[];
+  constexpr int kWarps = kThreads / gpu::kWarpSize;
   __shared__ unsigned hist[kBins];
   __shared__ int warp_sums[kWarps + 1];
   __shared__ uint32_t chosen_bin;
   __shared__ int chosen_remaining;
-  const int64_t row = blockIdx.x, b = row / p.heads;
+  const int64_t b = row / p.heads;
   const float* scores = p.scores + row * p.pages;
   const int64_t valid = p.num_pages == nullptr ? p.pages
                                                : min64(max64(p.num_pages[b], 0), p.pages);
@@ -247,11 +250,11 @@ __global__ void __launch_bounds__(select_detail::kThreads)
     return page < valid && !is_forced_page(page, valid, p.sink_pages, p.recent_pages);
   };
   const auto key_of = [&](int64_t page) {
-    return keys_in_shared ? shared_keys[page] : order_key(scores[page]);
+    return keys_in_shared ? shared_keys[page] : order_key(gpu::load_l2(scores + page));
   };
   if (keys_in_shared) {
-    for (int64_t page = threadIdx.x; page < valid; page += blockDim.x)
-      shared_keys[page] = order_key(scores[page]);
+    for (int64_t page = threadIdx.x; page < valid; page += kThreads)
+      shared_keys[page] = order_key(gpu::load_l2(scores + page));
     __syncthreads();
   }
 
@@ -261,9 +264,9 @@ __global__ void __launch_bounds__(select_detail::kThreads)
     for (int pass = 0; pass < 3; ++pass) {
       const int shift = pass == 0 ? 32 - kDigitBits : (pass == 1 ? 32 - 2 * kDigitBits : 0);
       const int bins = pass == 2 ? 1 << (32 - 2 * kDigitBits) : kBins;
-      for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
+      for (int i = threadIdx.x; i < bins; i += kThreads) hist[i] = 0;
       __syncthreads();
-      for (int64_t page = threadIdx.x; page < valid; page += blockDim.x) {
+      for (int64_t page = threadIdx.x; page < valid; page += kThreads) {
         if (!is_candidate(page)) continue;
         const uint32_t key = key_of(page);
         if ((key & prefix_mask) == prefix)
@@ -277,7 +280,7 @@ __global__ void __launch_bounds__(select_detail::kThreads)
       int local = 0;
       for (int j = 0; j < per_thread; ++j) local += hist[top - j];
       int total;
-      int before = block_exclusive_scan(local, warp_sums, total);
+      int before = block_exclusive_scan<kThreads>(local, warp_sums, total);
       if (before < remaining && before + local >= remaining) {
         for (int j = 0; j < per_thread; ++j) {
           if (before + static_cast<int>(hist[top - j]) >= remaining) {
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(select_detail::kThreads)
   }
 
   int64_t written = 0, ties_seen = 0;
-  const int64_t chunk = int64_t(blockDim.x) * kItems;
+  const int64_t chunk = int64_t(kThreads) * kItems;
   for (int64_t start = 0; start < valid; start += chunk) {
     const int64_t first = start + int64_t(threadIdx.x) * kItems;
     uint32_t keys[kItems];
@@ -310,7 +313,7 @@ __global__ void __launch_bounds__(select_detail::kThreads)
       ties += candidate[j] && !take_all && budget > 0 && keys[j] == prefix;
     }
     int ties_total;
-    int64_t tie_rank = block_exclusive_scan(ties, warp_sums, ties_total) + ties_seen;
+    int64_t tie_rank = block_exclusive_scan<kThreads>(ties, warp_sums, ties_total) + ties_seen;
     bool chosen[kItems];
     int count = 0;
 #pragma unroll
@@ -328,21 +331,186 @@ __global__ void __launch_bounds__(select_detail::kThreads)
       count += take;
     }
     int count_total;
-    int64_t position = written + block_exclusive_scan(count, warp_sums, count_total);
+    int64_t position = written + block_exclusive_scan<kThreads>(count, warp_sums, count_total);
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       if (!chosen[j]) continue;
       p.top_indices[row * p.k + position] = static_cast<int32_t>(first + j);
-      p.top_scores[row * p.k + position] = scores[first + j];
+      p.top_scores[row * p.k + position] = gpu::load_l2(scores + first + j);
       ++position;
     }
     written += count_total;
     ties_seen += ties_total;
   }
-  for (int64_t j = forced + min64(budget, candidates) + threadIdx.x; j < p.k; j += blockDim.x) {
+  for (int64_t j = forced + min64(budget, candidates) + threadIdx.x; j < p.k; j += kThreads) {
     p.top_indices[row * p.k + j] = -1;
     p.top_scores[row * p.k + j] = -INFINITY;
   }
+}
+
+namespace select_detail {
+
+constexpr int kSmallThreads = 256;
+constexpr int kSmallKeysPerThread = 32;
+// Rows of up to this many pages take select_topk_row_small (their keys sit in registers).
+constexpr int64_t kSmallMaxPages = int64_t(kSmallThreads) * kSmallKeysPerThread;
+constexpr int kRadixBins = 256;
+
+}  // namespace select_detail
+
+namespace select_detail {
+
+// Shared memory of select_topk_row_small.
+struct SmallSelectShared {
+  unsigned hist[2][kRadixBins];
+  int warp_totals[3][kSmallThreads / gpu::kWarpSize];
+  uint32_t boundary_bin;
+  int boundary_remaining, boundary_count;
+};
+
+// kKeys: keys per thread, a power of two >= ceil(valid / kSmallThreads). Loops of exactly that
+// width: a block has one multiprocessor to itself, so every idle predicated slot costs latency.
+template <int kKeys>
+__device__ void select_small_row(const SelectParams& p, int64_t row, int64_t valid,
+                                 SmallSelectShared& sh) {
+  constexpr int kThreads = kSmallThreads;
+  const int tid = threadIdx.x, lane = tid % gpu::kWarpSize, warp = tid / gpu::kWarpSize;
+  const float* scores = p.scores + row * p.pages;
+  const int64_t forced = num_forced_pages(valid, p.sink_pages, p.recent_pages);
+  const int64_t candidates = valid - forced;
+  const int64_t budget = max64(p.k - forced, 0);
+  const int64_t first = int64_t(tid) * kKeys;
+
+  uint32_t keys[kKeys];
+  uint32_t candidate_bits = 0, forced_bits = 0;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const int64_t page = first + j;
+    keys[j] = 0;
+    if (page < valid) {
+      if (is_forced_page(page, valid, p.sink_pages, p.recent_pages)) {
+        forced_bits |= 1u << j;
+      } else {
+        candidate_bits |= 1u << j;
+        keys[j] = order_key(gpu::load_l2(scores + page));
+      }
+    }
+  }
+  sh.hist[0][tid] = 0;
+  __syncthreads();
+
+  // Chosen candidates: (key & mask) > prefix, plus (key & mask) == prefix when `resolved`, else
+  // the first `remaining` of the keys equal to prefix (ties go to the lower page).
+  uint32_t prefix = 0, mask = 0;
+  int remaining = static_cast<int>(min64(budget, candidates));
+  bool resolved = budget == 0 || budget >= candidates;
+  if (budget == 0) mask = prefix = 0xffffffffu;  // no key compares above: no candidate taken
+  for (int pass = 0; pass < 4 && !resolved; ++pass) {
+    const int shift = 24 - 8 * pass;
+    unsigned* counts = sh.hist[pass & 1];
+    // Plain shared atomics: measured faster here than grouping equal bins with match_any.
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j)
+      if ((candidate_bits >> j & 1u) && (keys[j] & mask) == prefix)
+        atomicAdd(counts + ((keys[j] >> shift) & 0xffu), 1u);
+    sh.hist[(pass + 1) & 1][tid] = 0;  // next pass's histogram; nobody reads it in this pass
+    __syncthreads();
+    // Thread t owns bin 255 - t: an inclusive scan counts the keys in this bin and above.
+    const int bin = kRadixBins - 1 - tid;
+    const int count = static_cast<int>(counts[bin]);
+    int inclusive = warp_inclusive_scan(count, lane);
+    if (lane == gpu::kWarpSize - 1) sh.warp_totals[pass % 2][warp] = inclusive;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) inclusive += sh.warp_totals[pass % 2][w];
+    const int above = inclusive - count;
+    if (above < remaining && inclusive >= remaining) {
+      sh.boundary_bin = static_cast<uint32_t>(bin);
+      sh.boundary_remaining = remaining - above;
+      sh.boundary_count = count;
+    }
+    __syncthreads();
+    prefix |= sh.boundary_bin << shift;
+    mask |= 0xffu << shift;
+    remaining = sh.boundary_remaining;
+    resolved = sh.boundary_count == remaining;
+  }
+  if (budget >= candidates) mask = prefix = 0;  // every candidate
+
+  // Per thread: pages taken outright, and candidates tied at the boundary key.
+  int taken = 0, tied = 0;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    if (forced_bits >> j & 1u) ++taken;
+    if (candidate_bits >> j & 1u) {
+      const uint32_t masked = keys[j] & mask;
+      if (masked > prefix || (masked == prefix && resolved)) ++taken;
+      else if (masked == prefix) ++tied;
+    }
+  }
+  const int packed = taken | (tied << 16);  // each count <= kSmallMaxPages < 2^16
+  int inclusive = warp_inclusive_scan(packed, lane);
+  if (lane == gpu::kWarpSize - 1) sh.warp_totals[2][warp] = inclusive;
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) inclusive += sh.warp_totals[2][w];
+  const int exclusive = inclusive - packed;
+  int tie_rank = exclusive >> 16;
+  int64_t position = (exclusive & 0xffff) + min64(tie_rank, remaining);
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    bool take = forced_bits >> j & 1u;
+    if (candidate_bits >> j & 1u) {
+      const uint32_t masked = keys[j] & mask;
+      if (masked > prefix || (masked == prefix && resolved)) take = true;
+      else if (masked == prefix) take = tie_rank++ < remaining;
+    }
+    if (take) {
+      const int64_t page = first + j;
+      p.top_indices[row * p.k + position] = static_cast<int32_t>(page);
+      p.top_scores[row * p.k + position] = gpu::load_l2(scores + page);
+      ++position;
+    }
+  }
+  for (int64_t j = forced + min64(budget, candidates) + tid; j < p.k; j += kThreads) {
+    p.top_indices[row * p.k + j] = -1;
+    p.top_scores[row * p.k + j] = -INFINITY;
+  }
+}
+
+}  // namespace select_detail
+
+// The same selection for rows of up to kSmallMaxPages pages, built for latency (it is the tail of
+// the fused scoring kernel): each of 256 threads keeps a contiguous run of keys in registers;
+// radix select over 8-bit digits from the top (at most four passes, three barriers each, and it
+// stops as soon as the boundary digit's pages are all taken); one block-wide scan of packed
+// (taken, tied) counts places every chosen page in ascending order.
+__device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
+  using namespace select_detail;
+  static_assert(kSmallThreads == kRadixBins, "one histogram bin per thread");
+  __shared__ SmallSelectShared shared;
+  const int64_t b = row / p.heads;
+  const int64_t valid = p.num_pages == nullptr ? p.pages
+                                               : min64(max64(p.num_pages[b], 0), p.pages);
+  const int64_t per_thread = ceil_div(valid, kSmallThreads);
+  if (per_thread <= 1) return select_small_row<1>(p, row, valid, shared);
+  if (per_thread <= 2) return select_small_row<2>(p, row, valid, shared);
+  if (per_thread <= 4) return select_small_row<4>(p, row, valid, shared);
+  if (per_thread <= 8) return select_small_row<8>(p, row, valid, shared);
+  if (per_thread <= 16) return select_small_row<16>(p, row, valid, shared);
+  select_small_row<kSmallKeysPerThread>(p, row, valid, shared);
+}
+
+__global__ void __launch_bounds__(select_detail::kSmallThreads)
+    select_topk_small_kernel(SelectParams p) {
+  select_topk_row_small(p, blockIdx.x);
+}
+
+constexpr int kSelectThreads = 512;
+
+// One block per (b, kv) row.
+__global__ void __launch_bounds__(kSelectThreads)
+    select_topk_kernel(SelectParams p, bool keys_in_shared) {
+  extern __shared__ uint32_t shared_keys[];
+  select_topk_row<kSelectThreads>(p, blockIdx.x, shared_keys, keys_in_shared);
 }
 
 template <typename T, int VEC>
@@ -369,6 +537,11 @@ gpu::Error launch_relevancy_scores(const RelevancyParams& p, int target_blocks,
 
 inline gpu::Error launch_select_topk(const SelectParams& p, int64_t rows, gpu::Stream stream) {
   if (rows == 0) return gpu::kSuccess;
+  if (p.pages <= select_detail::kSmallMaxPages) {
+    select_topk_small_kernel<<<static_cast<unsigned>(rows), select_detail::kSmallThreads, 0,
+                               stream>>>(p);
+    return gpu::last_error();
+  }
   const bool keys_in_shared = p.pages <= select_detail::kMaxSharedKeys;
   const int shared = keys_in_shared ? static_cast<int>(p.pages * sizeof(uint32_t)) : 0;
   if (shared > 32 * 1024) {
@@ -376,7 +549,7 @@ inline gpu::Error launch_select_topk(const SelectParams& p, int64_t rows, gpu::S
         reinterpret_cast<const void*>(&select_topk_kernel), shared);
     if (e != gpu::kSuccess) return e;
   }
-  select_topk_kernel<<<static_cast<unsigned>(rows), select_detail::kThreads, shared, stream>>>(
+  select_topk_kernel<<<static_cast<unsigned>(rows), kSelectThreads, shared, stream>>>(
       p, keys_in_shared);
   return gpu::last_error();
 }
