@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, Report, Row, median_ms  # noqa: E402
+from common import (MODELS, Report, Row, graph_replay, kernel_times_us, median_ms,  # noqa: E402
+                    short_kernel_names)
 
 import torch_memops  # noqa: E402,F401
 from torch_memops import ops  # noqa: E402
@@ -76,6 +77,12 @@ def dense_rows(report, shape, query, k_cache, v_cache) -> dict[str, float]:
             continue
         times[f"sdpa[{name}]"] = report.add(
             Row(f"dense sdpa[{name}]", shape, median_ms(run), nbytes)).ms
+        if name != "math":
+            # Graph-captured too, so that a graph-captured memops step is compared with the
+            # same launch conditions.
+            times[f"sdpa[{name}] graph"] = report.add(
+                Row(f"dense sdpa[{name}], CUDA graph", shape, median_ms(graph_replay(run)),
+                    nbytes)).ms
     times["memops dense"] = report.add(Row(
         "dense memops.sparse_apply(None)", shape,
         median_ms(lambda: ops.sparse_apply(query, k_cache, v_cache, None, PAGE)), nbytes)).ms
@@ -93,17 +100,23 @@ def flashinfer_installed() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths S")
+    parser.add_argument("--budgets", type=int, nargs="+", help="token budgets")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="attention shapes")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     deadline = float(os.environ.get("MEMOPS_BENCH_DEADLINE", "inf"))
-    batches = [8, 1]
-    lengths = [32768, 131072, 8192]
-    budgets = [2048, 4096, 1024]
-    if args.quick:
-        lengths, budgets = [32768], [2048]
+    batches = args.batches or [8, 1]
+    lengths = args.lengths or ([32768] if args.quick else [32768, 131072, 8192])
+    budgets = args.budgets or ([2048] if args.quick else [2048, 4096, 1024])
+    models = {name: MODELS[name] for name in (args.models or MODELS)}
     # torch.compile takes tens of seconds per shape: compile at the target cells only.
-    compile_cells = {("llama3-8b", 8, 32768), ("llama3-8b", 8, 131072), ("llama2-7b", 1, 32768),
-                     ("llama2-7b", 1, 131072), ("qwen-7to1", 8, 32768)}
-    report = Report("bench_decode")
+    compile_cells = set() if args.no_compile else {
+        ("llama3-8b", 8, 32768), ("llama3-8b", 8, 131072), ("llama2-7b", 1, 32768),
+        ("llama2-7b", 1, 131072), ("qwen-7to1", 8, 32768)}
+    report = Report("bench_decode" + args.tag)
     print(f"{report.info}", flush=True)
     if not flashinfer_installed():
         print("FlashInfer is not importable here: not measured", flush=True)
@@ -112,7 +125,7 @@ def main() -> None:
               "never installable on the measuring machine): not measured", flush=True)
     compiled_quest = torch.compile(quest_torch, dynamic=False)
     for S in lengths:
-        for model, (Hq, Hkv, D) in MODELS.items():
+        for model, (Hq, Hkv, D) in models.items():
             for B in batches:
                 if time.time() > deadline:
                     print("deadline reached: remaining cells not measured", flush=True)
@@ -131,8 +144,20 @@ def main() -> None:
                     cell = f"{shape} budget{budget}"
                     nbytes = (summary.numel() * summary.element_size()
                               + 2 * B * Hkv * budget * D * k_cache.element_size())
-                    ms = median_ms(lambda: memops_step(query, summary, k_cache, v_cache, kp))
+                    def step():
+                        return memops_step(query, summary, k_cache, v_cache, kp)
+
+                    ms = median_ms(step)
                     report.add(Row("memops step (topk_relevancy+sparse_apply)", cell, ms, nbytes,
+                                   {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
+                                    "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
+                                    "vs": fastest_name,
+                                    **short_kernel_names(kernel_times_us(step))}))
+                    # The same step captured in a CUDA graph, as serving engines run decode: no
+                    # host work between the kernels.
+                    replay = graph_replay(lambda: memops_step(query, summary, k_cache, v_cache, kp))
+                    ms = median_ms(replay)
+                    report.add(Row("memops step, CUDA graph", cell, ms, nbytes,
                                    {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
                                     "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
                                     "vs": fastest_name}))

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, Report, Row, kernel_times_us, median_ms  # noqa: E402
+from common import (MODELS, Report, Row, cuda_switch, kernel_times_us, median_ms,  # noqa: E402
+                    short_kernel_names)
 
 import torch_memops  # noqa: E402,F401
 from torch_memops import ops  # noqa: E402
@@ -63,18 +64,33 @@ def bench_attention_shapes(report: Report, batches, lengths, budget: int) -> Non
                     return ops.topk_relevancy(query, summary, kp, sink_pages=1, recent_pages=2)
 
                 topk_bytes = B * Hkv * 2 * N * D * ELEM + B * Hq * D * ELEM + B * Hkv * kp * 8
-                kernels = kernel_times_us(relevancy)
                 report.add(Row(f"topk_relevancy bound k={kp}", shape, median_ms(relevancy),
-                               topk_bytes, {k: round(v, 1) for k, v in kernels.items()}))
+                               topk_bytes, short_kernel_names(kernel_times_us(relevancy))))
+                # The same op with the selection in a kernel of its own (scoring time alone), and
+                # with the portable CUDA-core kernels (the previous version), in the same run.
+                with cuda_switch("MEMOPS_CUDA_FUSED_SELECT", "0"):
+                    report.add(Row(f"topk_relevancy bound k={kp} [selection unfused]", shape,
+                                   median_ms(relevancy), topk_bytes,
+                                   short_kernel_names(kernel_times_us(relevancy))))
+                with cuda_switch("MEMOPS_CUDA_TENSOR_CORES", "0"):
+                    report.add(Row(f"topk_relevancy bound k={kp} [portable kernels]", shape,
+                                   median_ms(relevancy), topk_bytes,
+                                   short_kernel_names(kernel_times_us(relevancy))))
                 scores = torch.randn(B, Hkv, N, device="cuda")
                 report.add(Row(f"torch.topk on scores k={kp}", shape,
                                median_ms(lambda: torch.topk(scores, kp, dim=-1)), B * Hkv * N * 4))
 
                 idx = random_pages(B, Hkv, N, kp)
                 apply_bytes = 2 * B * Hkv * budget * D * ELEM + 2 * B * Hq * D * ELEM
-                report.add(Row(f"sparse_apply budget={budget}", shape,
-                               median_ms(lambda: ops.sparse_apply(query, keys, values, idx, PAGE)),
-                               apply_bytes))
+                def apply():
+                    return ops.sparse_apply(query, keys, values, idx, PAGE)
+
+                report.add(Row(f"sparse_apply budget={budget}", shape, median_ms(apply),
+                               apply_bytes, short_kernel_names(kernel_times_us(apply))))
+                with cuda_switch("MEMOPS_CUDA_TENSOR_CORES", "0"):
+                    report.add(Row(f"sparse_apply budget={budget} [portable kernels]", shape,
+                                   median_ms(apply), apply_bytes,
+                                   short_kernel_names(kernel_times_us(apply))))
                 report.add(Row("sparse_apply dense (indices=None)", shape,
                                median_ms(lambda: ops.sparse_apply(query, keys, values, None, PAGE)),
                                2 * B * Hkv * S * D * ELEM + 2 * B * Hq * D * ELEM))
@@ -111,7 +127,7 @@ def bench_indexer(report: Report, batches, lengths, k: int = 2048, heads: int = 
 
             nbytes = B * S * D * ELEM + B * heads * D * ELEM + B * k * 8
             report.add(Row(f"topk_relevancy indexer k={k}", shape, median_ms(ours), nbytes,
-                           {n: round(v, 1) for n, v in kernel_times_us(ours).items()}))
+                           short_kernel_names(kernel_times_us(ours))))
             report.add(Row(f"torch einsum+relu+topk k={k}", shape, median_ms(torch_indexer),
                            nbytes))
 

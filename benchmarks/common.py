@@ -65,14 +65,18 @@ def measured_peak_gbps(gib: float = 2.0) -> float:
 
 
 def kernel_times_us(fn: Callable[[], object], iters: int = 20) -> dict[str, float]:
-    """Mean device time per call of each kernel that ``fn`` launches (torch.profiler)."""
+    """Mean device time per call of each kernel that ``fn`` launches (torch.profiler), with the
+    L2 cache overwritten before every call as ``median_ms`` does (a 256 MiB fill, whose own
+    kernel is among the returned names)."""
     from torch.profiler import ProfilerActivity, profile
 
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            flush.zero_()
             fn()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
@@ -81,6 +85,44 @@ def kernel_times_us(fn: Callable[[], object], iters: int = 20) -> dict[str, floa
             name = event.name.split("(")[0].split("<")[0].replace("void ", "")
             totals[name] = totals.get(name, 0.0) + event.device_time / iters
     return totals
+
+
+class cuda_switch:
+    """Sets one of the extension's MEMOPS_CUDA_* switches (read at every call) for a block, so
+    that one run measures both paths, e.g. ``with cuda_switch("MEMOPS_CUDA_TENSOR_CORES", "0")``.
+    """
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value, self.saved = name, value, None
+
+    def __enter__(self):
+        self.saved = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del os.environ[self.name]
+        else:
+            os.environ[self.name] = self.saved
+
+
+def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once in a CUDA graph; the returned callable replays it (no host work)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def short_kernel_names(times: dict[str, float]) -> dict[str, float]:
+    return {name.replace("memops::", ""): round(us, 1) for name, us in times.items()
+            if "memops" in name}
 
 
 def device_info() -> dict:
