@@ -65,3 +65,31 @@ def test_opcheck_every_op(device, dtype):
         torch.library.opcheck(op, args, kwargs)  # all default test_utils
         checked.add(op._qualified_op_name)
     assert checked == {f"memops::{name}" for name in ops.__all__}, checked
+
+
+@pytest.mark.parametrize("call,argument", [
+    (lambda q, s, k: ops.prepare_memory(k, 0), "page_size"),
+    (lambda q, s, k: ops.prepare_memory(k, P, mode="median"), "mode"),
+    (lambda q, s, k: ops.prepare_memory_(s, k, P, -1), "first_page"),
+    (lambda q, s, k: ops.topk_relevancy(q, s, 0), "k"),
+    (lambda q, s, k: ops.topk_relevancy(q, s, 2, sink_pages=-1), "sink_pages"),
+    (lambda q, s, k: ops.topk_relevancy(q, s, 2, group_reduce="mean"), "group_reduce"),
+    (lambda q, s, k: ops.gather_retrieve(k, torch.zeros(B, HKV, 2, dtype=torch.int32), 0),
+     "page_size"),
+    (lambda q, s, k: ops.sparse_apply(q, k, k, None, 0), "page_size"),
+])
+def test_fake_kernels_reject_bad_scalars_like_the_eager_op(call, argument):
+    # Under torch.compile the fake kernels see the arguments first: they raise the same
+    # ValueError, naming the argument, as the eager op does.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    keys = randn(B, HKV, S, D, dtype=torch.float32)
+    query = randn(B, HKV * G, D, dtype=torch.float32)
+    summary = ops.prepare_memory(keys, P)
+    with pytest.raises(ValueError, match=f"`{argument}`") as eager:
+        call(query, summary, keys)
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (query, summary, keys)]
+        with pytest.raises(ValueError, match=f"`{argument}`") as traced:
+            call(*fakes)
+    assert str(traced.value) == str(eager.value)

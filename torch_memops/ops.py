@@ -277,9 +277,31 @@ def _check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
             )
 
 
+def _check_scalars(op: str, *, page_size=None, k=None, first_page=None, sink_pages=0,
+                   recent_pages=0, **choices: tuple[str, tuple[str, ...]]) -> None:
+    """The scalar checks of csrc/validate.cpp, with its messages, for the fake kernels: under
+    torch.compile or FakeTensorMode a bad argument raises the same ValueError as an eager call
+    (the fake kernels also compute output shapes from these values)."""
+    if page_size is not None and page_size <= 0:
+        raise ValueError(f"memops.{op}: `page_size` must be > 0, got {page_size}")
+    if first_page is not None and first_page < 0:
+        raise ValueError(f"memops.{op}: `first_page` must be >= 0, got {first_page}")
+    if k is not None:
+        if k <= 0:
+            raise ValueError(f"memops.{op}: `k` must be > 0, got {k}")
+        if sink_pages < 0 or recent_pages < 0:
+            raise ValueError(f"memops.{op}: `sink_pages` and `recent_pages` must be >= 0, got "
+                             f"{sink_pages} and {recent_pages}")
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            options = " or ".join(f'"{a}"' for a in allowed)
+            raise ValueError(f'memops.{op}: `{name}` must be {options}, got "{value}"')
+
+
 @torch.library.register_fake("memops::prepare_memory")
 def _prepare_memory_fake(keys, page_size, *, mode="minmax", seq_lens=None):
     _check_same_device("prepare_memory", keys=keys, seq_lens=seq_lens)
+    _check_scalars("prepare_memory", page_size=page_size, mode=(mode, ("minmax", "mean")))
     B, H, S, D = keys.shape
     reps = 2 if mode == "minmax" else 1
     return keys.new_empty(B, H, (S + page_size - 1) // page_size, reps, D)
@@ -289,6 +311,8 @@ def _prepare_memory_fake(keys, page_size, *, mode="minmax", seq_lens=None):
 def _prepare_memory_inplace_fake(summary, keys, page_size, first_page, *, summary_mode="minmax",
                                  seq_lens=None):
     _check_same_device("prepare_memory_", keys=keys, summary=summary, seq_lens=seq_lens)
+    _check_scalars("prepare_memory_", page_size=page_size, first_page=first_page,
+                   mode=(summary_mode, ("minmax", "mean")))
     return None
 
 
@@ -297,6 +321,9 @@ def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sin
                          recent_pages=0, group_reduce="max", weights=None):
     _check_same_device("topk_relevancy", query=query, summary=summary, num_pages=num_pages,
                        weights=weights)
+    _check_scalars("topk_relevancy", k=k, sink_pages=sink_pages, recent_pages=recent_pages,
+                   mode=(mode, ("bound", "dot", "indexer")),
+                   group_reduce=(group_reduce, ("max", "sum")))
     B, Hkv = summary.shape[0], summary.shape[1]
     return (query.new_empty(B, Hkv, k, dtype=torch.float32),
             query.new_empty(B, Hkv, k, dtype=torch.int32))
@@ -305,6 +332,7 @@ def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sin
 @torch.library.register_fake("memops::gather_retrieve")
 def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
     _check_same_device("gather_retrieve", memory=memory, indices=indices, seq_lens=seq_lens)
+    _check_scalars("gather_retrieve", page_size=page_size)
     B, H, _, D = memory.shape
     k = indices.shape[-1]
     return memory.new_empty(B, H, k * page_size, D), indices.new_empty(B, H)
@@ -314,6 +342,7 @@ def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
 def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=None, scale=None):
     _check_same_device("sparse_apply", query=query, k_cache=k_cache, v_cache=v_cache,
                        indices=indices, seq_lens=seq_lens)
+    _check_scalars("sparse_apply", page_size=page_size)
     B, Hq, D = query.shape
     return query.new_empty(B, Hq, D), query.new_empty(B, Hq, dtype=torch.float32)
 
