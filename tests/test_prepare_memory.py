@@ -125,3 +125,19 @@ def test_prepare_memory_inplace_into_a_strided_summary(device, dtype):
     after = cpu(buf_dev)
     assert_bitwise_equal(after[:, :, 1:5], reference.prepare_memory(keys, 8))
     assert_bitwise_equal(after[:, :, [0, 5]], before[:, :, [0, 5]])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_minmax_keeps_a_nan_key_of_any_token(device, dtype):
+    # torch.amin / amax propagate NaN whichever token holds it (first, middle or last of a page);
+    # the summary of that element must too, or a page with a NaN key would look ordinary.
+    B, H, S, D, P = 1, 2, 24, 8, 8
+    keys = randn(B, H, S, D, dtype=dtype)
+    keys[0, 0, 0, 1] = float("nan")  # first token of page 0
+    keys[0, 0, 11, 2] = float("nan")  # a middle token of page 1
+    keys[0, 1, 23, 3] = float("nan")  # last token of page 2
+    got = cpu(ops.prepare_memory(to_device(device, keys), P))
+    want = reference.prepare_memory(keys, P)
+    assert torch.equal(got.isnan(), want.isnan()) and int(want.isnan().sum()) == 6
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -40,8 +40,8 @@ __global__ void prepare_memory_kernel(PrepareMemoryParams p) {
         gpu::load_floats<T, VEC>(src + t * p.key_stride[2], v);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          lo[j] = v[j] < lo[j] ? v[j] : lo[j];
-          hi[j] = v[j] > hi[j] ? v[j] : hi[j];
+          lo[j] = fmin32(v[j], lo[j]);  // NaN-propagating, as page_minmax
+          hi[j] = fmax32(v[j], hi[j]);
         }
       }
       gpu::store_floats<T, VEC>(dst, lo);

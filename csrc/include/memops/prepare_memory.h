@@ -15,8 +15,8 @@ MEMOPS_HD void page_minmax(const T* tokens, int64_t token_stride, int64_t n, int
     if (n > 0) lo = hi = to_float(tokens[d]);
     for (int64_t t = 1; t < n; ++t) {
       const float v = to_float(tokens[t * token_stride + d]);
-      lo = v < lo ? v : lo;
-      hi = v > hi ? v : hi;
+      lo = fmin32(v, lo);  // a NaN key of any token stays, as in torch.amin / amax
+      hi = fmax32(v, hi);
     }
     // min and max of representable values are representable: the round trip is exact.
     out_min[d] = from_float<T>(lo);
