@@ -230,6 +230,41 @@ def test_topk_relevancy_tensor_core_long_rows_select_separately(mode, reps):
     check_integer_topk(torch.bfloat16, mode, reps, 128, (32, 8), N=9000, k=300)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,N,k", [(64, 20000, 2048), (40, 3000, 300), (9, 700, 64)])
+def test_topk_relevancy_indexer_tensor_cores_exact_on_integer_data(dtype, heads, N, k):
+    # DeepSeek-style indexer: up to 64 index heads on the tensor cores; 20000 tokens also take
+    # the 1024-thread selection kernel.
+    B, D = 2, 128
+    query = integer_tensor(B, heads, D, dtype=dtype, low=-2, high=3)
+    keys = integer_tensor(B, 1, N, 1, D, dtype=dtype, low=-2, high=3)
+    weights = integer_tensor(B, heads, dtype=torch.float32, low=0, high=4)
+    num_pages = torch.tensor([N, N // 3], dtype=torch.int32, device=DEV)
+    args = dict(mode="indexer", weights=weights, num_pages=num_pages)
+    got_s, got_i = ops.topk_relevancy(query, keys, k, **args)
+    want_s, want_i = reference.topk_relevancy(
+        query.cpu(), keys.cpu(), k, **{**args, "weights": weights.cpu(),
+                                        "num_pages": num_pages.cpu()})
+    assert torch.equal(got_i.cpu(), want_i)
+    assert torch.equal(got_s.cpu(), want_s)
+
+
+def test_topk_relevancy_indexer_tensor_cores_non_finite_keys():
+    B, heads, N, D, k = 1, 16, 96, 64, 20
+    query = integer_tensor(B, heads, D, dtype=torch.bfloat16)
+    keys = integer_tensor(B, 1, N, 1, D, dtype=torch.bfloat16)
+    keys[0, 0, 4, 0, 3] = float("inf")
+    keys[0, 0, 50, 0, 0] = -float("inf")
+    weights = integer_tensor(B, heads, dtype=torch.float32, low=0, high=4)
+    got_s, got_i = ops.topk_relevancy(query, keys, k, mode="indexer", weights=weights)
+    # The CPU backend shares the scalar formula that the GPU uses for non-finite tokens; integer
+    # data makes every finite score exact.
+    want_s, want_i = ops.topk_relevancy(query.cpu(), keys.cpu(), k, mode="indexer",
+                                        weights=weights.cpu())
+    assert torch.equal(got_i.cpu(), want_i)
+    torch.testing.assert_close(got_s.cpu(), want_s, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("switch", ["MEMOPS_CUDA_FUSED_SELECT", "MEMOPS_CUDA_TENSOR_CORES"])
 def test_topk_relevancy_switches_give_the_same_selection(switch, monkeypatch):
     # Integer data: the fused and separate selections, and the tensor-core and portable kernels,

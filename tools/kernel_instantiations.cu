@@ -42,7 +42,8 @@ int instantiate_tensor_core() {
   const gpu::Stream stream{};
   int failed = launch_sparse_apply_tc<T>(SparseApplyParams{}, stream) != gpu::kSuccess;
   for (const int64_t dim : {64, 128}) {
-    for (const RelevancyMode mode : {RelevancyMode::kBound, RelevancyMode::kDot}) {
+    for (const RelevancyMode mode :
+         {RelevancyMode::kBound, RelevancyMode::kDot, RelevancyMode::kIndexer}) {
       for (const int64_t reps : {1, 2}) {
         RelevancyParams p{};
         p.batch = 1;

@@ -109,16 +109,20 @@ inline void plan_sparse_apply(SparseApplyParams& p, int max_heads_per_block, int
 // product), and the longest rows whose top-k is selected inside the scoring kernel (their keys
 // sit in shared memory).
 constexpr int64_t kTensorCoreMaxHeads = 8;
+// Index heads the tensor-core indexer reduces per kv row (eight n-tiles of 8).
+constexpr int64_t kTensorCoreMaxIndexHeads = 64;
 constexpr int64_t kFusedSelectMaxPages = 8192;  // select_detail::kSmallMaxPages
 
 // Whether the tensor-core scoring kernel (topk_relevancy_tc.cuh) takes these parameters; the
 // binding checks the device (sm_80+).
 inline bool relevancy_tc_supported(const RelevancyParams& p, bool vectorized, bool sixteen_bit) {
   const int64_t group = p.q_heads / p.kv_heads;
+  const bool indexer = p.mode == RelevancyMode::kIndexer;
   const bool mode_ok = (p.mode == RelevancyMode::kBound && p.reps == 2) ||
-                       (p.mode == RelevancyMode::kDot && (p.reps == 1 || p.reps == 2));
-  return sixteen_bit && vectorized && mode_ok && (p.dim == 64 || p.dim == 128) &&
-         group >= 1 && group <= kTensorCoreMaxHeads;
+                       (p.mode == RelevancyMode::kDot && (p.reps == 1 || p.reps == 2)) ||
+                       (indexer && p.reps == 1);
+  return sixteen_bit && vectorized && mode_ok && (p.dim == 64 || p.dim == 128) && group >= 1 &&
+         group <= (indexer ? kTensorCoreMaxIndexHeads : kTensorCoreMaxHeads);
 }
 
 // Whether the tensor-core sparse_apply kernel (sparse_apply_tc.cuh) takes these parameters.

@@ -350,10 +350,13 @@ __device__ void select_topk_row(const SelectParams& p, int64_t row, uint32_t* sh
 
 namespace select_detail {
 
-constexpr int kSmallThreads = 256;
 constexpr int kSmallKeysPerThread = 32;
-// Rows of up to this many pages take select_topk_row_small (their keys sit in registers).
+// select_topk_row_small runs with 256 threads inside the scoring kernel (rows of up to 8192
+// pages) and with 1024 threads as a kernel of its own (up to 32768 pages); keys sit in registers.
+constexpr int kSmallThreads = 256;
+constexpr int kLargeThreads = 1024;
 constexpr int64_t kSmallMaxPages = int64_t(kSmallThreads) * kSmallKeysPerThread;
+constexpr int64_t kLargeMaxPages = int64_t(kLargeThreads) * kSmallKeysPerThread;
 constexpr int kRadixBins = 256;
 
 }  // namespace select_detail
@@ -361,19 +364,20 @@ constexpr int kRadixBins = 256;
 namespace select_detail {
 
 // Shared memory of select_topk_row_small.
+template <int kThreads>
 struct SmallSelectShared {
   unsigned hist[2][kRadixBins];
-  int warp_totals[3][kSmallThreads / gpu::kWarpSize];
+  int warp_totals[3][kThreads / gpu::kWarpSize];
   uint32_t boundary_bin;
   int boundary_remaining, boundary_count;
 };
 
-// kKeys: keys per thread, a power of two >= ceil(valid / kSmallThreads). Loops of exactly that
+// kKeys: keys per thread, a power of two >= ceil(valid / kThreads). Loops of exactly that
 // width: a block has one multiprocessor to itself, so every idle predicated slot costs latency.
-template <int kKeys>
+template <int kThreads, int kKeys>
 __device__ void select_small_row(const SelectParams& p, int64_t row, int64_t valid,
-                                 SmallSelectShared& sh) {
-  constexpr int kThreads = kSmallThreads;
+                                 SmallSelectShared<kThreads>& sh) {
+  static_assert(kThreads >= kRadixBins, "one histogram bin per thread at most");
   const int tid = threadIdx.x, lane = tid % gpu::kWarpSize, warp = tid / gpu::kWarpSize;
   const float* scores = p.scores + row * p.pages;
   const int64_t forced = num_forced_pages(valid, p.sink_pages, p.recent_pages);
@@ -396,7 +400,7 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int64_t val
       }
     }
   }
-  sh.hist[0][tid] = 0;
+  if (tid < kRadixBins) sh.hist[0][tid] = 0;
   __syncthreads();
 
   // Chosen candidates: (key & mask) > prefix, plus (key & mask) == prefix when `resolved`, else
@@ -413,11 +417,13 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int64_t val
     for (int j = 0; j < kKeys; ++j)
       if ((candidate_bits >> j & 1u) && (keys[j] & mask) == prefix)
         atomicAdd(counts + ((keys[j] >> shift) & 0xffu), 1u);
-    sh.hist[(pass + 1) & 1][tid] = 0;  // next pass's histogram; nobody reads it in this pass
+    // Next pass's histogram; nobody reads it in this pass.
+    if (tid < kRadixBins) sh.hist[(pass + 1) & 1][tid] = 0;
     __syncthreads();
-    // Thread t owns bin 255 - t: an inclusive scan counts the keys in this bin and above.
+    // Thread t < 256 owns bin 255 - t: an inclusive scan counts the keys in this bin and above
+    // (threads past the bins add nothing and never hold the boundary).
     const int bin = kRadixBins - 1 - tid;
-    const int count = static_cast<int>(counts[bin]);
+    const int count = tid < kRadixBins ? static_cast<int>(counts[bin]) : 0;
     int inclusive = warp_inclusive_scan(count, lane);
     if (lane == gpu::kWarpSize - 1) sh.warp_totals[pass % 2][warp] = inclusive;
     __syncthreads();
@@ -447,7 +453,7 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int64_t val
       else if (masked == prefix) ++tied;
     }
   }
-  const int packed = taken | (tied << 16);  // each count <= kSmallMaxPages < 2^16
+  const int packed = taken | (tied << 16);  // block totals <= kLargeMaxPages < 2^16
   int inclusive = warp_inclusive_scan(packed, lane);
   if (lane == gpu::kWarpSize - 1) sh.warp_totals[2][warp] = inclusive;
   __syncthreads();
@@ -478,30 +484,30 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int64_t val
 
 }  // namespace select_detail
 
-// The same selection for rows of up to kSmallMaxPages pages, built for latency (it is the tail of
-// the fused scoring kernel): each of 256 threads keeps a contiguous run of keys in registers;
+// The same selection for rows of up to 32 keys a thread, built for latency (it is the tail of
+// the fused scoring kernel): each thread keeps a contiguous run of keys in registers;
 // radix select over 8-bit digits from the top (at most four passes, three barriers each, and it
 // stops as soon as the boundary digit's pages are all taken); one block-wide scan of packed
 // (taken, tied) counts places every chosen page in ascending order.
+template <int kThreads>
 __device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
   using namespace select_detail;
-  static_assert(kSmallThreads == kRadixBins, "one histogram bin per thread");
-  __shared__ SmallSelectShared shared;
+  __shared__ SmallSelectShared<kThreads> shared;
   const int64_t b = row / p.heads;
   const int64_t valid = p.num_pages == nullptr ? p.pages
                                                : min64(max64(p.num_pages[b], 0), p.pages);
-  const int64_t per_thread = ceil_div(valid, kSmallThreads);
-  if (per_thread <= 1) return select_small_row<1>(p, row, valid, shared);
-  if (per_thread <= 2) return select_small_row<2>(p, row, valid, shared);
-  if (per_thread <= 4) return select_small_row<4>(p, row, valid, shared);
-  if (per_thread <= 8) return select_small_row<8>(p, row, valid, shared);
-  if (per_thread <= 16) return select_small_row<16>(p, row, valid, shared);
-  select_small_row<kSmallKeysPerThread>(p, row, valid, shared);
+  const int64_t per_thread = ceil_div(valid, kThreads);
+  if (per_thread <= 1) return select_small_row<kThreads, 1>(p, row, valid, shared);
+  if (per_thread <= 2) return select_small_row<kThreads, 2>(p, row, valid, shared);
+  if (per_thread <= 4) return select_small_row<kThreads, 4>(p, row, valid, shared);
+  if (per_thread <= 8) return select_small_row<kThreads, 8>(p, row, valid, shared);
+  if (per_thread <= 16) return select_small_row<kThreads, 16>(p, row, valid, shared);
+  select_small_row<kThreads, kSmallKeysPerThread>(p, row, valid, shared);
 }
 
-__global__ void __launch_bounds__(select_detail::kSmallThreads)
-    select_topk_small_kernel(SelectParams p) {
-  select_topk_row_small(p, blockIdx.x);
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) select_topk_small_kernel(SelectParams p) {
+  select_topk_row_small<kThreads>(p, blockIdx.x);
 }
 
 constexpr int kSelectThreads = 512;
@@ -537,9 +543,16 @@ gpu::Error launch_relevancy_scores(const RelevancyParams& p, int target_blocks,
 
 inline gpu::Error launch_select_topk(const SelectParams& p, int64_t rows, gpu::Stream stream) {
   if (rows == 0) return gpu::kSuccess;
-  if (p.pages <= select_detail::kSmallMaxPages) {
-    select_topk_small_kernel<<<static_cast<unsigned>(rows), select_detail::kSmallThreads, 0,
-                               stream>>>(p);
+  // Short rows: 256 threads; up to 32K pages: 1024 threads (more threads, fewer keys each: the
+  // selection of a row is latency on one multiprocessor).
+  if (p.pages <= 2048) {
+    select_topk_small_kernel<select_detail::kSmallThreads>
+        <<<static_cast<unsigned>(rows), select_detail::kSmallThreads, 0, stream>>>(p);
+    return gpu::last_error();
+  }
+  if (p.pages <= select_detail::kLargeMaxPages) {
+    select_topk_small_kernel<select_detail::kLargeThreads>
+        <<<static_cast<unsigned>(rows), select_detail::kLargeThreads, 0, stream>>>(p);
     return gpu::last_error();
   }
   const bool keys_in_shared = p.pages <= select_detail::kMaxSharedKeys;

@@ -26,6 +26,7 @@ namespace relevancy_tc {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTilePages = 16;
+constexpr int kMaxIndexHeads = static_cast<int>(kTensorCoreMaxIndexHeads);
 
 // The exact score of one head on one page (the rare non-finite case), as the CPU computes it.
 template <typename T>
@@ -33,6 +34,19 @@ __device__ float exact_head_score(const RelevancyParams& p, const T* q, const T*
   if (p.mode == RelevancyMode::kBound)
     return score_bound(q, page, page + p.summary_stride[3], p.dim);
   return score_dot(q, page, p.summary_stride[3], p.reps, p.dim);
+}
+
+// Counts this block done on its row; the last block of the row selects the row's top-k.
+__device__ __forceinline__ void select_if_last_block(const SelectParams& sp, int64_t row,
+                                                     int* done) {
+  __shared__ bool last_block;
+  __threadfence();  // this block's scores are visible device-wide before it counts itself done
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  select_topk_row_small<kThreads>(sp, row);
 }
 
 }  // namespace relevancy_tc
@@ -170,15 +184,100 @@ __global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
     }
   }
 
-  if (done == nullptr) return;
-  __shared__ bool last_block;
-  __threadfence();  // this block's scores are visible device-wide before it counts itself done
+  if (done != nullptr) select_if_last_block(sp, row, done);
+}
+
+// DeepSeek's lightning indexer on tensor cores: score = sum_h w_h relu(q_h . key) over up to 64
+// index heads, as up to eight n-tiles of 8 heads per 16-token tile. The heads' B fragments sit in
+// shared memory (16 KB for 64 heads of D 128), laid out per lane so each is one 8-byte load.
+// Non-finite scores are redone with the scalar formula (score_indexer), as for bound.
+template <typename T, int D>
+__global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
+    indexer_tc_kernel(RelevancyParams p, SelectParams sp, int* done) {
+  using namespace relevancy_tc;
+  static_assert(D % 32 == 0 && D <= 128, "D: 32-element chunks, registers for D <= 128");
+  constexpr int kChunks = D / 32, kSteps = D / 16, kMaxTiles = kMaxIndexHeads / 8;
+  __shared__ uint2 q_frags[kMaxTiles][kSteps][32];
+  __shared__ float head_weights[kMaxIndexHeads];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t row = blockIdx.y, b = row / p.kv_heads, kv = row % p.kv_heads;
+  const int group = static_cast<int>(p.q_heads / p.kv_heads);
+  const int n_tiles = (group + 7) / 8;
+  const T* q_first = static_cast<const T*>(p.query) + b * p.query_stride[0] +
+                     kv * group * p.query_stride[1];
+  const float* w_first = p.weights + b * p.q_heads + kv * group;
+  // Fragment (n-tile nt, k-step s, lane l): head 8 nt + l / 4, elements 32c + 8(l % 4) + 4h + 0..3
+  // with s = 2c + h, the element order of the A fragments below.
+  for (int i = threadIdx.x; i < n_tiles * kSteps * 32; i += kThreads) {
+    const int nt = i / (kSteps * 32), step = (i / 32) % kSteps, l = i % 32;
+    const int head = 8 * nt + l / 4;
+    const int element = 32 * (step / 2) + 8 * (l % 4) + 4 * (step % 2);
+    q_frags[nt][step][l] = head < group ? *reinterpret_cast<const uint2*>(
+                                              q_first + head * p.query_stride[1] + element)
+                                        : make_uint2(0, 0);
+  }
+  for (int h = threadIdx.x; h < kMaxIndexHeads; h += kThreads)
+    head_weights[h] = h < group ? w_first[h] : 0.f;
   __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  select_topk_row_small(sp, row);
+
+  const T* summary = static_cast<const T*>(p.summary) + b * p.summary_stride[0] +
+                     kv * p.summary_stride[1];
+  const int64_t limit = relevancy_detail::valid_pages(p.num_pages, b, p.pages);
+  const int64_t tiles = ceil_div(limit, kTilePages);
+  for (int64_t tile = int64_t(blockIdx.x) * kWarps + warp; tile < tiles;
+       tile += int64_t(gridDim.x) * kWarps) {
+    const int64_t page_lo = tile * kTilePages + g, page_hi = page_lo + 8;
+    const bool valid_lo = page_lo < limit, valid_hi = page_hi < limit;
+    const T* rows[2] = {summary + page_lo * p.summary_stride[2],
+                        summary + page_hi * p.summary_stride[2]};
+    uint4 key_lo[kChunks], key_hi[kChunks];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      key_lo[c] = valid_lo ? mma::load16(rows[0] + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
+      key_hi[c] = valid_hi ? mma::load16(rows[1] + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
+    }
+    float score[2] = {0.f, 0.f};
+    for (int nt = 0; nt < n_tiles; ++nt) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t a[4] = {mma::word(key_lo[c], 2 * h), mma::word(key_hi[c], 2 * h),
+                                 mma::word(key_lo[c], 2 * h + 1), mma::word(key_hi[c], 2 * h + 1)};
+          const uint2 q = q_frags[nt][2 * c + h][lane];
+          const uint32_t bq[2] = {q.x, q.y};
+          mma::mma_16816<T>(acc, a, bq);
+        }
+      }
+      // acc[0], [1]: token g, heads 8 nt + 2t, + 1; acc[2], [3]: token g + 8. A non-finite
+      // logit keeps its token's score non-finite, so that the token is redone below.
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float w = head_weights[8 * nt + 2 * t + (i & 1)];
+        const float logit = acc[i];
+        score[i / 2] += isfinite(logit) ? w * (logit > 0.f ? logit : 0.f) : NAN;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      score[i] += __shfl_xor_sync(0xffffffffu, score[i], 1);
+      score[i] += __shfl_xor_sync(0xffffffffu, score[i], 2);
+    }
+    if (t == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (!(i == 0 ? valid_lo : valid_hi)) continue;
+        float s = score[i];
+        if (!isfinite(s))
+          s = score_indexer(q_first, p.query_stride[1], group, w_first, rows[i], p.dim);
+        p.scores[row * p.pages + (i == 0 ? page_lo : page_hi)] = s;
+      }
+    }
+  }
+  if (done != nullptr) select_if_last_block(sp, row, done);
 }
 
 template <typename T, int D, int kReps, bool kBound>
@@ -201,6 +300,18 @@ template <typename T>
 gpu::Error launch_relevancy_tc(const RelevancyParams& p, const SelectParams& sp, int* done,
                                int resident_blocks, gpu::Stream stream) {
   if (p.batch * p.kv_heads == 0) return gpu::kSuccess;
+  if (p.mode == RelevancyMode::kIndexer) {
+    const int64_t rows = p.batch * p.kv_heads;
+    const int64_t blocks_x = max64(1, min64(ceil_div(ceil_div(p.pages, relevancy_tc::kTilePages),
+                                                     relevancy_tc::kWarps),
+                                            resident_blocks / rows));
+    const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(rows));
+    if (p.dim == 64)
+      indexer_tc_kernel<T, 64><<<grid, relevancy_tc::kThreads, 0, stream>>>(p, sp, done);
+    else
+      indexer_tc_kernel<T, 128><<<grid, relevancy_tc::kThreads, 0, stream>>>(p, sp, done);
+    return gpu::last_error();
+  }
   const bool bound = p.mode == RelevancyMode::kBound;
   if (p.dim == 64) {
     if (bound) return launch_relevancy_tc_for<T, 64, 2, true>(p, sp, done, resident_blocks, stream);
