@@ -142,10 +142,6 @@ class EmulationRuntime final : public Runtime {
     std::lock_guard<std::mutex> lock(mutex_);
     xclbin_ = path;
   }
-  std::string loaded_xclbin() const override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return xclbin_;
-  }
 
   std::unique_ptr<BufferObject> allocate(size_t bytes, int bank, BufferKind kind) override {
     check_bank(bank);
@@ -182,9 +178,7 @@ class EmulationRuntime final : public Runtime {
  private:
   std::shared_ptr<BankUsage> usage_;
   std::map<std::string, std::function<void(const std::vector<KernelArg>&)>> kernels_;
-  mutable std::mutex mutex_;
   std::mutex run_mutex_;
-  std::string xclbin_;
 };
 
 }  // namespace

@@ -67,10 +67,6 @@ class NativeRuntime final : public Runtime {
     }
     xclbin_ = path;
   }
-  std::string loaded_xclbin() const override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return xclbin_;
-  }
 
   std::unique_ptr<BufferObject> allocate(size_t bytes, int bank, BufferKind kind) override {
     check_bank(bank);
@@ -125,8 +121,6 @@ class NativeRuntime final : public Runtime {
   xrt::uuid uuid_;
   std::map<std::string, xrt::kernel> kernels_;
   std::map<int, int> bank_groups_;
-  mutable std::mutex mutex_;
-  std::string xclbin_;
 };
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -64,7 +65,11 @@ class Runtime {
   // Loads an xclbin (native: programs the card; emulation: checks the file exists and records
   // it: the kernels themselves are always the host-compiled HLS sources).
   virtual void load_xclbin(const std::string& path) = 0;
-  virtual std::string loaded_xclbin() const = 0;
+  // The path last loaded ("" before any).
+  std::string loaded_xclbin() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return xclbin_;
+  }
   // A buffer object of `bytes` (> 0) in HBM pseudo-channel `bank`.
   virtual std::unique_ptr<BufferObject> allocate(size_t bytes, int bank, BufferKind kind) = 0;
   // Device-to-device copy (xrt::bo::copy).
@@ -72,6 +77,11 @@ class Runtime {
                     size_t bytes) = 0;
   // Runs kernel `name` (the HLS top function, e.g. "memops_gather_retrieve") to completion.
   virtual void run(const std::string& name, const std::vector<KernelArg>& args) = 0;
+
+ protected:
+  // Guards xclbin_ and whatever state a runtime derives from the loaded xclbin.
+  mutable std::mutex mutex_;
+  std::string xclbin_;
 };
 
 // Throws std::runtime_error unless 0 <= bank < kHbmBanks.
