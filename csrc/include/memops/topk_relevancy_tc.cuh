@@ -1,5 +1,6 @@
-// Compute Relevancy + Retrieval on tensor cores (CUDA sm_80+, 16-bit summaries, D of 64 or 128,
-// GQA groups of up to 8 heads; `bound` and `dot` with one or two representatives).
+// Compute Relevancy + Retrieval on tensor cores (CUDA sm_80+, 16-bit summaries, D of 64 or 128):
+// `bound` and `dot` (one or two representatives) for GQA groups of up to 8 heads, and the
+// `indexer` for up to 64 index heads (indexer_tc_kernel below).
 //
 // A warp scores a tile of 16 pages for every head of the group as one small matrix product
 // S^T [16 pages x 8 heads] = Summary [16 x K] . Q^T [K x 8]:
