@@ -212,9 +212,16 @@ def test_checker_rejects_a_wrong_selection(corrupt):
 
 def test_checker_rejects_breaking_an_exact_tie_upwards():
     # Pages 2 and 5 tie exactly (identical summaries, exact integer scores); taking 5 is wrong.
-    summary = small_integers(1, 1, 8, 1, 8, dtype=torch.float32)
-    summary[:, :, 5] = summary[:, :, 2]
+    # Every other page gets a distinct multiple of the query, so no third page can join the tie
+    # (random summaries sometimes tied a lower page with page 2 and the checker named that one).
     query = small_integers(1, 1, 8, dtype=torch.float32)
+    query[..., 0] = 1  # never the zero vector: scores are multiple * |query|^2
+    # Seven distinct nonzero integers: a zero summary has a zero tolerance, which would make even
+    # the tolerant check insist on the tie order.
+    nonzero = torch.tensor([-4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0])
+    multiples = nonzero[torch.randperm(8)[:7]]
+    multiples = torch.cat([multiples[:5], multiples[2:3], multiples[5:7]])  # page 5 = page 2
+    summary = (multiples.view(8, 1) * query.view(1, 8)).view(1, 1, 8, 1, 8)
     all_scores = reference.relevancy_scores(query, summary, mode="dot")
     others = [p for p in range(8) if p not in (2, 5)]
     above = [p for p in others if all_scores[0, 0, p] > all_scores[0, 0, 2]]
