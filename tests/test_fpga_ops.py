@@ -2,9 +2,9 @@
 
 Everything is compared bit for bit with ``torch.equal``: gather is a copy; prepare_memory and the
 relevancy scores run the same float32 arithmetic in the same order as the CPU backend (the HLS
-kernels call the functions of ``csrc/include/memops/relevancy.h`` and mirror ``page_minmax`` /
-``page_mean``, and narrow to fp16/bf16 with c10's rounding), so equal selections follow. The CPU
-backend itself is tested against ``torch_memops/reference.py`` in its own tests.
+kernels call the functions of ``csrc/include/memops/relevancy.h``, mirror ``summarise_page`` of
+``prepare_memory.h`` and narrow to fp16/bf16 with c10's rounding), so equal selections follow.
+The CPU backend itself is tested against ``torch_memops/reference.py`` in its own tests.
 
 The kernels move 512-bit words, so head dims here span a multiple of 64 bytes
 (D % 16 == 0 for float32, D % 32 == 0 for 16-bit dtypes), as on the card.

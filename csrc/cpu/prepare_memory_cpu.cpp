@@ -1,6 +1,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "cpu/cpu_common.h"
 #include "memops/prepare_memory.h"
 #include "validate.h"
@@ -19,15 +21,14 @@ void summarise_pages(const at::Tensor& keys, at::Tensor& summary, int64_t page_s
   const auto ks = keys.strides();
   const auto ss = summary.strides();
   at::parallel_for(0, B * H * pages, grain_for(page_size * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (H * pages), h = (i / pages) % H, p = first_page + i % pages;
       const int64_t n = page_valid_tokens(p, page_size, row_length(lens, b, S));
       const T* tokens = kp + b * ks[0] + h * ks[1] + p * page_size * ks[2];
       T* out = sp + b * ss[0] + h * ss[1] + p * ss[2];
-      if (mode == SummaryMode::kMinMax)
-        page_minmax(tokens, ks[2], n, D, out, out + ss[3]);
-      else
-        page_mean(tokens, ks[2], n, D, out);
+      summarise_page(tokens, ks[2], n, D, mode, scratch.data(), scratch.data() + D, out,
+                     mode == SummaryMode::kMinMax ? out + ss[3] : nullptr);
     }
   });
 }

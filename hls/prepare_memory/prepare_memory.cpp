@@ -69,7 +69,7 @@ summarise_page:
           if (l >= lanes) continue;
           const int d = static_cast<int>(w) * lanes + l;
           const float v = lane_to_float(word, l, static_cast<int>(dtype));
-          // The expressions of memops::page_minmax / page_mean, so the bits match the CPU.
+          // The expressions of memops::summarise_page, so the bits match the CPU.
           lo[d] = t == 0 ? v : memops::fmin32(v, lo[d]);
           hi[d] = t == 0 ? v : memops::fmax32(v, hi[d]);
           sum[d] += v;

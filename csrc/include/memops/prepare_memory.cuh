@@ -40,7 +40,7 @@ __global__ void prepare_memory_kernel(PrepareMemoryParams p) {
         gpu::load_floats<T, VEC>(src + t * p.key_stride[2], v);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          lo[j] = fmin32(v[j], lo[j]);  // NaN-propagating, as page_minmax
+          lo[j] = fmin32(v[j], lo[j]);  // NaN-propagating, as summarise_page
           hi[j] = fmax32(v[j], hi[j]);
         }
       }

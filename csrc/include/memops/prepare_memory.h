@@ -5,32 +5,46 @@
 
 namespace memops {
 
-// Element-wise min and max over `n` tokens (`n` may be 0: zeros). `tokens` points at the first
-// token of the page; consecutive tokens are `token_stride` elements apart; the head dim is dense.
+// The summary of one page of `n` tokens (`n` may be 0: zeros). `tokens` points at the first token
+// of the page; consecutive tokens are `token_stride` elements apart; the head dim is dense.
+// kMinMax writes the element-wise min to `out_first` and the max to `out_second`; kMean writes the
+// float32-accumulated mean to `out_first`. `lo`/`hi` are float scratch of `dim` elements.
+//
+// Tokens are the outer loop and the head dim the inner one, so the inner loop reads contiguous
+// keys into independent accumulators (vectorised on the CPU); the HLS kernel runs the same
+// expressions in the same order (bit-identical summaries). min/max are exact and every mean
+// accumulates over tokens in order, starting from 0 as torch's sum does.
 template <typename T>
-MEMOPS_HD void page_minmax(const T* tokens, int64_t token_stride, int64_t n, int64_t dim,
-                           T* out_min, T* out_max) {
-  for (int64_t d = 0; d < dim; ++d) {
-    float lo = 0.f, hi = 0.f;
-    if (n > 0) lo = hi = to_float(tokens[d]);
+MEMOPS_HD void summarise_page(const T* tokens, int64_t token_stride, int64_t n, int64_t dim,
+                              SummaryMode mode, float* lo, float* hi, T* out_first,
+                              T* out_second) {
+  if (n == 0) {
+    for (int64_t d = 0; d < dim; ++d) out_first[d] = from_float<T>(0.f);
+    if (mode == SummaryMode::kMinMax)
+      for (int64_t d = 0; d < dim; ++d) out_second[d] = from_float<T>(0.f);
+    return;
+  }
+  if (mode == SummaryMode::kMinMax) {
+    for (int64_t d = 0; d < dim; ++d) lo[d] = hi[d] = to_float(tokens[d]);
     for (int64_t t = 1; t < n; ++t) {
-      const float v = to_float(tokens[t * token_stride + d]);
-      lo = fmin32(v, lo);  // a NaN key of any token stays, as in torch.amin / amax
-      hi = fmax32(v, hi);
+      const T* token = tokens + t * token_stride;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float v = to_float(token[d]);
+        lo[d] = fmin32(v, lo[d]);  // a NaN key of any token stays, as in torch.amin / amax
+        hi[d] = fmax32(v, hi[d]);
+      }
     }
     // min and max of representable values are representable: the round trip is exact.
-    out_min[d] = from_float<T>(lo);
-    out_max[d] = from_float<T>(hi);
-  }
-}
-
-// Mean over `n` tokens with float32 accumulation, in token order (zeros when n == 0).
-template <typename T>
-MEMOPS_HD void page_mean(const T* tokens, int64_t token_stride, int64_t n, int64_t dim, T* out) {
-  for (int64_t d = 0; d < dim; ++d) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < n; ++t) acc += to_float(tokens[t * token_stride + d]);
-    out[d] = from_float<T>(n > 0 ? acc / static_cast<float>(n) : 0.f);
+    for (int64_t d = 0; d < dim; ++d) out_first[d] = from_float<T>(lo[d]);
+    for (int64_t d = 0; d < dim; ++d) out_second[d] = from_float<T>(hi[d]);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) lo[d] = 0.f + to_float(tokens[d]);  // -0.0 sums to +0.0
+    for (int64_t t = 1; t < n; ++t) {
+      const T* token = tokens + t * token_stride;
+      for (int64_t d = 0; d < dim; ++d) lo[d] += to_float(token[d]);
+    }
+    const float count = static_cast<float>(n);
+    for (int64_t d = 0; d < dim; ++d) out_first[d] = from_float<T>(lo[d] / count);
   }
 }
 
