@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -19,36 +20,117 @@ struct RelevancyArgs {
   int64_t k, sink_pages, recent_pages;
 };
 
+constexpr int64_t kPageBlock = 8;
+
+// Scores of up to kPageBlock consecutive pages of one (b, kv) row. The arithmetic of relevancy.h
+// (score_bound / score_dot / score_indexer: every score sums over d in order, heads combine in
+// order), so scores stay bit-identical to the HLS kernel's; but the pages are the innermost loop:
+// `block` holds them transposed ([R][D][kPageBlock] floats), so the inner loop runs kPageBlock
+// independent accumulators over contiguous memory, which vectorises, instead of one dependent
+// chain of D additions per score.
+struct ScoreBlock {
+  const float* query;  // [G][D] floats of the row's query heads
+  const float* weights;  // [G] indexer head weights, or nullptr
+  int64_t heads, reps, dim;
+};
+
+// Four lanes of float, as GCC/Clang vector extensions (SSE on x86-64, NEON on AArch64): every lane
+// runs exactly the scalar operations of relevancy.h, so vectorising changes no bit.
+typedef float f32x4 __attribute__((vector_size(16)));
+static_assert(kPageBlock % 4 == 0, "a page block is whole vectors");
+constexpr int kVectors = kPageBlock / 4;
+
+inline f32x4 load4(const float* p) {
+  f32x4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline f32x4 max_nan(f32x4 a, f32x4 b) { return ((a > b) | (a != a)) ? a : b; }  // fmax32
+inline f32x4 relu(f32x4 a) { return a > 0.f ? a : f32x4{}; }
+
+inline void score_block(const ScoreBlock& sb, const float* block, const RelevancyArgs& args,
+                        float* out) {
+  const int64_t D = sb.dim;
+  f32x4 score[kVectors] = {}, acc[kVectors], best[kVectors] = {};
+  for (int64_t g = 0; g < sb.heads; ++g) {
+    const float* q = sb.query + g * D;
+    if (args.mode == RelevancyMode::kBound) {
+      for (int v = 0; v < kVectors; ++v) acc[v] = f32x4{};
+      for (int64_t d = 0; d < D; ++d) {
+        const f32x4 qd = f32x4{} + q[d];
+        for (int v = 0; v < kVectors; ++v) {
+          const f32x4 lo = load4(block + d * kPageBlock + 4 * v);
+          const f32x4 hi = load4(block + (D + d) * kPageBlock + 4 * v);
+          acc[v] += max_nan(qd * lo, qd * hi);
+        }
+      }
+      for (int v = 0; v < kVectors; ++v) best[v] = acc[v];
+    } else {
+      for (int64_t r = 0; r < sb.reps; ++r) {
+        for (int v = 0; v < kVectors; ++v) acc[v] = f32x4{};
+        for (int64_t d = 0; d < D; ++d) {
+          const f32x4 qd = f32x4{} + q[d];
+          for (int v = 0; v < kVectors; ++v)
+            acc[v] += qd * load4(block + (r * D + d) * kPageBlock + 4 * v);
+        }
+        for (int v = 0; v < kVectors; ++v) best[v] = r == 0 ? acc[v] : max_nan(best[v], acc[v]);
+      }
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      if (args.mode == RelevancyMode::kIndexer)  // score_indexer: 0 + w0 relu(s0) + w1 relu(s1)...
+        score[v] = (g == 0 ? f32x4{} : score[v]) + sb.weights[g] * relu(best[v]);
+      else if (g == 0)
+        score[v] = best[v];
+      else if (args.reduce == GroupReduce::kMax)  // group_combine
+        score[v] = max_nan(score[v], best[v]);
+      else
+        score[v] += best[v];
+    }
+  }
+  std::memcpy(out, score, sizeof(score));
+}
+
 // scores[b, kv, n] for every page: float32, one pass over the summary.
 template <typename T>
 void score_pages(const at::Tensor& query, const at::Tensor& summary, const float* weights,
                  const RelevancyArgs& args, at::Tensor& scores) {
   const int64_t B = summary.size(0), Hkv = summary.size(1), N = summary.size(2);
   const int64_t R = summary.size(3), D = summary.size(4), Hq = query.size(1);
-  const int64_t G = Hq / Hkv;
+  const int64_t G = Hq / Hkv, blocks = ceil_div(N, kPageBlock);
   const T* qp = query.const_data_ptr<T>();
   const T* sp = summary.const_data_ptr<T>();
   const auto qs = query.strides();
   const auto ss = summary.strides();
   float* out = scores.mutable_data_ptr<float>();
-  at::parallel_for(0, B * Hkv * N, grain_for(G * R * D), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(kPageBlock * (R + G) * D);
+  at::parallel_for(0, B * Hkv * blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(G * D), w(G), block(R * D * kPageBlock);
+    float block_scores[kPageBlock];
+    int64_t row = -1;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (Hkv * N), kv = (i / N) % Hkv, n = i % N;
-      const T* page = sp + b * ss[0] + kv * ss[1] + n * ss[2];
-      const T* q0 = qp + b * qs[0] + kv * G * qs[1];
-      float score = 0.f;
-      if (args.mode == RelevancyMode::kIndexer) {
-        score = score_indexer(q0, qs[1], G, weights + b * Hq, page, D);
-      } else {
+      const int64_t b = i / (Hkv * blocks), kv = (i / blocks) % Hkv;
+      const int64_t n0 = (i % blocks) * kPageBlock, count = min64(kPageBlock, N - n0);
+      if (b * Hkv + kv != row) {  // the query heads of a new row, as floats
+        row = b * Hkv + kv;
         for (int64_t g = 0; g < G; ++g) {
-          const T* q = q0 + g * qs[1];
-          const float s = args.mode == RelevancyMode::kBound
-                              ? score_bound(q, page, page + ss[3], D)
-                              : score_dot(q, page, ss[3], R, D);
-          score = group_combine(score, s, g == 0, args.reduce);
+          const T* qg = qp + b * qs[0] + (kv * G + g) * qs[1];
+          for (int64_t d = 0; d < D; ++d) q[g * D + d] = to_float(qg[d]);
+          if (weights != nullptr) w[g] = weights[b * Hq + kv * G + g];
         }
       }
-      out[i] = score;
+      const T* pages = sp + b * ss[0] + kv * ss[1] + n0 * ss[2];
+      if (count < kPageBlock) std::fill(block.begin(), block.end(), 0.f);  // never stored
+      for (int64_t j = 0; j < count; ++j) {
+        for (int64_t r = 0; r < R; ++r) {
+          const T* src = pages + j * ss[2] + r * ss[3];
+          float* dst = block.data() + r * D * kPageBlock + j;
+          for (int64_t d = 0; d < D; ++d) dst[d * kPageBlock] = to_float(src[d]);
+        }
+      }
+      score_block(ScoreBlock{q.data(), weights != nullptr ? w.data() : nullptr, G, R, D},
+                  block.data(), args, block_scores);
+      float* row_out = out + (b * Hkv + kv) * N + n0;
+      for (int64_t j = 0; j < count; ++j) row_out[j] = block_scores[j];
     }
   });
 }
