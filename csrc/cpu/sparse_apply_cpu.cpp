@@ -12,48 +12,81 @@
 namespace memops {
 namespace {
 
-// One (batch, query head) row: online softmax over the tokens of the selected pages.
+// <a, b> over n floats in eight lanes (two f32x4), then the lanes and the tail.
+inline float dot_lanes(const float* a, const float* b, int64_t n) {
+  f32x4 acc0 = {}, acc1 = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    acc0 += load4(a + d) * load4(b + d);
+    acc1 += load4(a + d + 4) * load4(b + d + 4);
+  }
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  const f32x4 s = acc0 + acc1;
+  return (s[0] + s[1]) + (s[2] + s[3]) + tail;
+}
+
+// One task is a group of query heads that read the same tokens: the whole GQA group of a kv head
+// (indices per kv head, or dense), or a single head (indices per query head). Each key and value
+// row is converted to float once and used by every head of the group; per head, the online
+// softmax of attention.h runs token by token, with the dot product and the accumulator update
+// vectorised over the head dim.
 template <typename T>
 void attend_rows(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const int32_t* indices, int64_t index_heads, int64_t k, int64_t page_size,
                  const int32_t* lens, float scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), G = Hq / Hkv;
+  const int64_t heads = indices != nullptr && index_heads == Hq ? 1 : G;  // per task
   const T* qp = query.const_data_ptr<T>();
   const T* kp = k_cache.const_data_ptr<T>();
   const T* vp = v_cache.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   float* lp = lse.mutable_data_ptr<float>();
   const auto qs = query.strides(), ks = k_cache.strides(), vs = v_cache.strides();
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / Hq, h = r % Hq, kv = h / G, length = row_length(lens, b, S);
-      const T* q = qp + b * qs[0] + h * qs[1];
+  at::parallel_for(0, B * Hq / heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(heads * D), acc(heads * D), key(D), value(D);
+    std::vector<SoftmaxState> state(heads);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (Hq / heads), h0 = task % (Hq / heads) * heads, kv = h0 / G;
+      const int64_t length = row_length(lens, b, S);
       const T* kbase = kp + b * ks[0] + kv * ks[1];
       const T* vbase = vp + b * vs[0] + kv * vs[1];
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* qh = qp + b * qs[0] + (h0 + h) * qs[1];
+        for (int64_t d = 0; d < D; ++d) q[h * D + d] = to_float(qh[d]);
+        state[h] = SoftmaxState{};
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
-      SoftmaxState state;
       const auto attend_page = [&](int64_t first, int64_t n) {
         for (int64_t t = first; t < first + n; ++t) {
-          float p;
-          const float rescale = softmax_push(state, scale * dot(q, kbase + t * ks[2], D), p);
-          const T* v = vbase + t * vs[2];
-          for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * rescale + p * to_float(v[d]);
+          const T* kt = kbase + t * ks[2];
+          const T* vt = vbase + t * vs[2];
+          for (int64_t d = 0; d < D; ++d) key[d] = to_float(kt[d]);
+          for (int64_t d = 0; d < D; ++d) value[d] = to_float(vt[d]);
+          for (int64_t h = 0; h < heads; ++h) {
+            float p;
+            const float rescale =
+                softmax_push(state[h], scale * dot_lanes(&q[h * D], key.data(), D), p);
+            float* a = &acc[h * D];
+            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * rescale + p * value[d];
+          }
         }
       };
       if (indices == nullptr) {
         attend_page(0, length);
       } else {
-        const int32_t* row = indices + (b * index_heads + (index_heads == Hq ? h : kv)) * k;
+        const int32_t* row = indices + (b * index_heads + (index_heads == Hq ? h0 : kv)) * k;
         for (int64_t j = 0; j < k; ++j)
           if (row[j] >= 0)
             attend_page(row[j] * page_size, page_valid_tokens(row[j], page_size, length));
       }
-      const float inv = state.l > 0.f ? 1.f / state.l : 0.f;
-      T* o = op + r * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(acc[d] * inv);
-      lp[r] = softmax_lse(state);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float inv = state[h].l > 0.f ? 1.f / state[h].l : 0.f;
+        T* o = op + (b * Hq + h0 + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(acc[h * D + d] * inv);
+        lp[b * Hq + h0 + h] = softmax_lse(state[h]);
+      }
     }
   });
 }

@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -34,17 +33,9 @@ struct ScoreBlock {
   int64_t heads, reps, dim;
 };
 
-// Four lanes of float, as GCC/Clang vector extensions (SSE on x86-64, NEON on AArch64): every lane
-// runs exactly the scalar operations of relevancy.h, so vectorising changes no bit.
-typedef float f32x4 __attribute__((vector_size(16)));
 static_assert(kPageBlock % 4 == 0, "a page block is whole vectors");
 constexpr int kVectors = kPageBlock / 4;
 
-inline f32x4 load4(const float* p) {
-  f32x4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 inline f32x4 max_nan(f32x4 a, f32x4 b) { return ((a > b) | (a != a)) ? a : b; }  // fmax32
 inline f32x4 relu(f32x4 a) { return a > 0.f ? a : f32x4{}; }
 
