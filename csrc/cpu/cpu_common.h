@@ -27,13 +27,28 @@ inline int64_t row_length(const int32_t* lens, int64_t b, int64_t num_tokens) {
 // arithmetic is the scalar arithmetic, so a loop over independent values vectorised this way
 // changes no bit.
 typedef float f32x4 __attribute__((vector_size(16)));
+// Eight lanes: two SSE registers in the default build, one AVX register in an avx2 clone.
+typedef float f32x8 __attribute__((vector_size(32)));
 
 inline f32x4 load4(const float* p) {
   f32x4 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Hot CPU loops are compiled twice on x86-64, for AVX2 and for the baseline ISA, and the loader
+// picks one for the machine (GCC/Clang function multiversioning). Not "fma": contracting a*b + c
+// would change the bits that the HLS kernel and the reference must match.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MEMOPS_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MEMOPS_CPU_MULTIVERSION
+#endif
 
 inline const int32_t* optional_int_ptr(const std::optional<at::Tensor>& t, at::Tensor& holder) {
   if (!t.has_value()) return nullptr;

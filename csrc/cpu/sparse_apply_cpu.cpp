@@ -12,18 +12,34 @@
 namespace memops {
 namespace {
 
-// <a, b> over n floats in eight lanes (two f32x4), then the lanes and the tail.
+// <a, b> over n floats in sixteen lanes (two f32x8), then the lanes and the tail.
 inline float dot_lanes(const float* a, const float* b, int64_t n) {
-  f32x4 acc0 = {}, acc1 = {};
+  f32x8 acc0 = {}, acc1 = {};
   int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    acc0 += load4(a + d) * load4(b + d);
-    acc1 += load4(a + d + 4) * load4(b + d + 4);
+  for (; d + 16 <= n; d += 16) {
+    acc0 += load8(a + d) * load8(b + d);
+    acc1 += load8(a + d + 8) * load8(b + d + 8);
   }
   float tail = 0.f;
   for (; d < n; ++d) tail += a[d] * b[d];
-  const f32x4 s = acc0 + acc1;
-  return (s[0] + s[1]) + (s[2] + s[3]) + tail;
+  const f32x8 s = acc0 + acc1;
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
+}
+
+// One token for every head of a task: its key and value rows as floats (`key`, `value`: D
+// floats of scratch), then per head the online-softmax step of attention.h.
+template <typename T>
+MEMOPS_CPU_MULTIVERSION void attend_token(const T* kt, const T* vt, const float* q, int64_t heads,
+                                          int64_t D, float scale, float* key, float* value,
+                                          SoftmaxState* state, float* acc) {
+  for (int64_t d = 0; d < D; ++d) key[d] = to_float(kt[d]);
+  for (int64_t d = 0; d < D; ++d) value[d] = to_float(vt[d]);
+  for (int64_t h = 0; h < heads; ++h) {
+    float p;
+    const float rescale = softmax_push(state[h], scale * dot_lanes(q + h * D, key, D), p);
+    float* a = acc + h * D;
+    for (int64_t d = 0; d < D; ++d) a[d] = a[d] * rescale + p * value[d];
+  }
 }
 
 // One task is a group of query heads that read the same tokens: the whole GQA group of a kv head
@@ -59,19 +75,9 @@ void attend_rows(const at::Tensor& query, const at::Tensor& k_cache, const at::T
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       const auto attend_page = [&](int64_t first, int64_t n) {
-        for (int64_t t = first; t < first + n; ++t) {
-          const T* kt = kbase + t * ks[2];
-          const T* vt = vbase + t * vs[2];
-          for (int64_t d = 0; d < D; ++d) key[d] = to_float(kt[d]);
-          for (int64_t d = 0; d < D; ++d) value[d] = to_float(vt[d]);
-          for (int64_t h = 0; h < heads; ++h) {
-            float p;
-            const float rescale =
-                softmax_push(state[h], scale * dot_lanes(&q[h * D], key.data(), D), p);
-            float* a = &acc[h * D];
-            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * rescale + p * value[d];
-          }
-        }
+        for (int64_t t = first; t < first + n; ++t)
+          attend_token(kbase + t * ks[2], vbase + t * vs[2], q.data(), heads, D, scale,
+                       key.data(), value.data(), state.data(), acc.data());
       };
       if (indices == nullptr) {
         attend_page(0, length);

@@ -33,52 +33,42 @@ struct ScoreBlock {
   int64_t heads, reps, dim;
 };
 
-static_assert(kPageBlock % 4 == 0, "a page block is whole vectors");
-constexpr int kVectors = kPageBlock / 4;
+static_assert(kPageBlock == 8, "a page block is one f32x8");
 
-inline f32x4 max_nan(f32x4 a, f32x4 b) { return ((a > b) | (a != a)) ? a : b; }  // fmax32
-inline f32x4 relu(f32x4 a) { return a > 0.f ? a : f32x4{}; }
+inline f32x8 max_nan(f32x8 a, f32x8 b) { return ((a > b) | (a != a)) ? a : b; }  // fmax32
+inline f32x8 relu(f32x8 a) { return a > 0.f ? a : f32x8{}; }
 
-inline void score_block(const ScoreBlock& sb, const float* block, const RelevancyArgs& args,
-                        float* out) {
+MEMOPS_CPU_MULTIVERSION
+void score_block(const ScoreBlock& sb, const float* block, const RelevancyArgs& args, float* out) {
   const int64_t D = sb.dim;
-  f32x4 score[kVectors] = {}, acc[kVectors], best[kVectors] = {};
+  f32x8 score = {}, best = {};
   for (int64_t g = 0; g < sb.heads; ++g) {
     const float* q = sb.query + g * D;
     if (args.mode == RelevancyMode::kBound) {
-      for (int v = 0; v < kVectors; ++v) acc[v] = f32x4{};
+      f32x8 acc = {};
       for (int64_t d = 0; d < D; ++d) {
-        const f32x4 qd = f32x4{} + q[d];
-        for (int v = 0; v < kVectors; ++v) {
-          const f32x4 lo = load4(block + d * kPageBlock + 4 * v);
-          const f32x4 hi = load4(block + (D + d) * kPageBlock + 4 * v);
-          acc[v] += max_nan(qd * lo, qd * hi);
-        }
+        const f32x8 qd = f32x8{} + q[d];
+        acc += max_nan(qd * load8(block + d * kPageBlock), qd * load8(block + (D + d) * kPageBlock));
       }
-      for (int v = 0; v < kVectors; ++v) best[v] = acc[v];
+      best = acc;
     } else {
       for (int64_t r = 0; r < sb.reps; ++r) {
-        for (int v = 0; v < kVectors; ++v) acc[v] = f32x4{};
-        for (int64_t d = 0; d < D; ++d) {
-          const f32x4 qd = f32x4{} + q[d];
-          for (int v = 0; v < kVectors; ++v)
-            acc[v] += qd * load4(block + (r * D + d) * kPageBlock + 4 * v);
-        }
-        for (int v = 0; v < kVectors; ++v) best[v] = r == 0 ? acc[v] : max_nan(best[v], acc[v]);
+        f32x8 acc = {};
+        for (int64_t d = 0; d < D; ++d)
+          acc += (f32x8{} + q[d]) * load8(block + (r * D + d) * kPageBlock);
+        best = r == 0 ? acc : max_nan(best, acc);
       }
     }
-    for (int v = 0; v < kVectors; ++v) {
-      if (args.mode == RelevancyMode::kIndexer)  // score_indexer: 0 + w0 relu(s0) + w1 relu(s1)...
-        score[v] = (g == 0 ? f32x4{} : score[v]) + sb.weights[g] * relu(best[v]);
-      else if (g == 0)
-        score[v] = best[v];
-      else if (args.reduce == GroupReduce::kMax)  // group_combine
-        score[v] = max_nan(score[v], best[v]);
-      else
-        score[v] += best[v];
-    }
+    if (args.mode == RelevancyMode::kIndexer)  // score_indexer: 0 + w0 relu(s0) + w1 relu(s1)...
+      score = (g == 0 ? f32x8{} : score) + sb.weights[g] * relu(best);
+    else if (g == 0)
+      score = best;
+    else if (args.reduce == GroupReduce::kMax)  // group_combine
+      score = max_nan(score, best);
+    else
+      score += best;
   }
-  std::memcpy(out, score, sizeof(score));
+  std::memcpy(out, &score, sizeof(score));
 }
 
 // scores[b, kv, n] for every page: float32, one pass over the summary.
