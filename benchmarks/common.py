@@ -55,6 +55,53 @@ def median_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return statistics.median(times)
 
 
+_CPU_FLUSH: Optional[torch.Tensor] = None
+
+
+def cpu_median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 15) -> float:
+    """Median wall time of ``fn`` on the CPU in milliseconds (CPU ops return when done). A 256 MiB
+    buffer is written before every timed run (not timed), so that inputs smaller than the last
+    level cache are read from memory, as in a decode step that went through the other layers."""
+    global _CPU_FLUSH
+    if _CPU_FLUSH is None:
+        _CPU_FLUSH = torch.empty(256 << 20, dtype=torch.uint8)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _CPU_FLUSH.fill_(1)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def cpu_peak_gbps(mib: int = 512) -> float:
+    """CPU memory copy bandwidth in GB/s, bytes read plus bytes written (larger than the caches)."""
+    src = torch.empty(mib << 20, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = cpu_median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def cpu_info() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "card": f"CPU {model}, {torch.get_num_threads()} threads",
+        "driver": "n/a",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def measured_peak_gbps(gib: float = 2.0) -> float:
     """Device-to-device copy bandwidth in GB/s, bytes read plus bytes written."""
     n = int(gib * (1 << 30))
@@ -164,12 +211,12 @@ class Report:
     """Collects rows; writes JSON (for machines) and a Markdown table (for people) after each
     row, so that a run cut short still leaves its results."""
 
-    def __init__(self, title: str, out_dir: Optional[Path] = None):
+    def __init__(self, title: str, out_dir: Optional[Path] = None, device: str = "cuda"):
         self.title = title
         self.out_dir = Path(out_dir or os.environ.get("MEMOPS_BENCH_OUT", RESULTS_DIR))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.info = device_info()
-        self.peak_gbps = measured_peak_gbps()
+        self.info = cpu_info() if device == "cpu" else device_info()
+        self.peak_gbps = cpu_peak_gbps() if device == "cpu" else measured_peak_gbps()
         self.info["measured_copy_gbps"] = round(self.peak_gbps, 1)
         self.rows: list[Row] = []
 
