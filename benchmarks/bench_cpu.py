@@ -5,7 +5,7 @@ each next to the vectorised PyTorch way of doing the same step, in the same run.
 
 Writes benchmarks/results/bench_cpu[-NAME].{json,md} (or $MEMOPS_BENCH_OUT). Shapes: the attention
 of Llama-3-8B (32 query / 8 kv heads of 128) and Llama-2-7B (MHA, 32/32) at batch 1, S = 8K and
-32K, page 16, a 2048-token budget, bfloat16 and float32: what a user placing a step on the CPU
+32K, page 16, a 2048-token budget, bfloat16, float16 and float32: what a user placing a step on the CPU
 (``MemopsConfig(placement=...)``) runs per layer and decode step.
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     models = ["llama3-8b"] if args.quick else ["llama3-8b", "llama2-7b"]
     lengths = [8192] if args.quick else [8192, 32768]
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     report = Report("bench_cpu" + (f"-{args.tag}" if args.tag else ""), device="cpu")
     print(report.info, f"copy peak {report.peak_gbps:.1f} GB/s", flush=True)
     bench(report, models, lengths, dtypes)

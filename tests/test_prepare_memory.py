@@ -141,3 +141,28 @@ def test_minmax_keeps_a_nan_key_of_any_token(device, dtype):
     want = reference.prepare_memory(keys, P)
     assert torch.equal(got.isnan(), want.isnan()) and int(want.isnan().sum()) == 6
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("device", devices())
+def test_every_float16_value_converts_exactly(device):
+    # All 65536 float16 bit patterns as keys: the CPU converts float16 with its own branch-free
+    # code (cpu_common.h), which must give torch's value for each. One token per page makes the
+    # min/max summary the key itself (bits kept, NaN stays NaN), and a `dot` score with query 1
+    # is the key as float32 (exact; -0.0 adds up to +0.0, which == treats as equal).
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    keys = bits.view(torch.float16).view(1, 1, -1, 1)
+    nan = keys.isnan()
+    summary = cpu(ops.prepare_memory(to_device(device, keys), 1))
+    for rep in (summary[:, :, :, 0], summary[:, :, :, 1]):
+        assert torch.equal(rep.isnan(), nan)
+        assert torch.equal(rep[~nan].view(torch.int16), keys[~nan].view(torch.int16))
+    query = torch.ones(1, 1, 1, dtype=torch.float16)
+    n = keys.shape[2]
+    scores, indices = ops.topk_relevancy(to_device(device, query),
+                                         to_device(device, keys.view(1, 1, n, 1, 1)), n,
+                                         mode="dot")
+    scores, indices = cpu(scores), cpu(indices)
+    assert torch.equal(indices.view(-1), torch.arange(n, dtype=torch.int32))
+    want = keys.view(-1).float()
+    assert torch.equal(scores.view(-1).isnan(), want.isnan())
+    assert bool((scores.view(-1)[~want.isnan()] == want[~want.isnan()]).all())

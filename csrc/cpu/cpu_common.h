@@ -4,13 +4,38 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <c10/util/Half.h>
+
+#include <cstdint>
 #include <cstring>
 #include <optional>
+
+#include "memops/common.h"
 
 #define MEMOPS_DISPATCH_FLOAT(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace memops {
+
+// float16 -> float32 without a branch, so loops of it vectorise (c10::Half's conversion is a
+// function of several branches that stops vectorisation: prepare_memory ran 11x slower in
+// float16 than in bfloat16). Exact for every finite value and infinity: the exponent and mantissa
+// are moved into place and one multiplication by 2^112 rebiases the exponent (subnormals become
+// normals exactly); infinities and NaNs get the all-ones exponent back, keeping their payload.
+// Same value as c10's for every float16 (tests/test_prepare_memory.py checks all 65536).
+template <>
+inline float to_float<c10::Half>(c10::Half x) {
+  const uint32_t h = x.x;
+  uint32_t bits = (h & 0x7fffu) << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 0x1p112f;
+  std::memcpy(&bits, &f, sizeof(f));
+  bits |= (h & 0x7c00u) == 0x7c00u ? 0x7f800000u : 0u;
+  bits |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 // Rows per task so that one task touches at least ~64K elements; small problems stay serial.
 inline int64_t grain_for(int64_t elements_per_row) {
