@@ -10,6 +10,15 @@
 namespace memops {
 namespace {
 
+// summarise_page compiled for AVX2 and for the baseline ISA (min/max and sums are exact per lane:
+// the bits do not depend on the clone).
+template <typename T>
+MEMOPS_CPU_MULTIVERSION void summarise_page_cpu(const T* tokens, int64_t token_stride, int64_t n,
+                                                int64_t dim, SummaryMode mode, float* lo,
+                                                float* hi, T* out_first, T* out_second) {
+  summarise_page(tokens, token_stride, n, dim, mode, lo, hi, out_first, out_second);
+}
+
 template <typename T>
 void summarise_pages(const at::Tensor& keys, at::Tensor& summary, int64_t page_size,
                      int64_t first_page, SummaryMode mode, const int32_t* lens) {
@@ -27,7 +36,7 @@ void summarise_pages(const at::Tensor& keys, at::Tensor& summary, int64_t page_s
       const int64_t n = page_valid_tokens(p, page_size, row_length(lens, b, S));
       const T* tokens = kp + b * ks[0] + h * ks[1] + p * page_size * ks[2];
       T* out = sp + b * ss[0] + h * ss[1] + p * ss[2];
-      summarise_page(tokens, ks[2], n, D, mode, scratch.data(), scratch.data() + D, out,
+      summarise_page_cpu(tokens, ks[2], n, D, mode, scratch.data(), scratch.data() + D, out,
                      mode == SummaryMode::kMinMax ? out + ss[3] : nullptr);
     }
   });
