@@ -48,18 +48,11 @@ inline int64_t row_length(const int32_t* lens, int64_t b, int64_t num_tokens) {
   return lens == nullptr ? num_tokens : lens[b];
 }
 
-// Four lanes of float, as GCC/Clang vector extensions (SSE on x86-64, NEON on AArch64). Lane-wise
-// arithmetic is the scalar arithmetic, so a loop over independent values vectorised this way
-// changes no bit.
-typedef float f32x4 __attribute__((vector_size(16)));
-// Eight lanes: two SSE registers in the default build, one AVX register in an avx2 clone.
+// Eight lanes of float as a GCC/Clang vector type: two SSE (or NEON) registers in the baseline
+// build, one AVX register in an avx2 clone. Lane-wise arithmetic is the scalar arithmetic, so a
+// loop over independent values vectorised this way changes no bit.
 typedef float f32x8 __attribute__((vector_size(32)));
 
-inline f32x4 load4(const float* p) {
-  f32x4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 inline f32x8 load8(const float* p) {
   f32x8 v;
   std::memcpy(&v, p, sizeof(v));
