@@ -37,7 +37,7 @@ void summarise_pages(const at::Tensor& keys, at::Tensor& summary, int64_t page_s
       const T* tokens = kp + b * ks[0] + h * ks[1] + p * page_size * ks[2];
       T* out = sp + b * ss[0] + h * ss[1] + p * ss[2];
       summarise_page_cpu(tokens, ks[2], n, D, mode, scratch.data(), scratch.data() + D, out,
-                     mode == SummaryMode::kMinMax ? out + ss[3] : nullptr);
+                         mode == SummaryMode::kMinMax ? out + ss[3] : nullptr);
     }
   });
 }

@@ -6,7 +6,6 @@
 
 #include "cpu/cpu_common.h"
 #include "memops/attention.h"
-#include "memops/relevancy.h"
 #include "validate.h"
 
 namespace memops {
