@@ -1,6 +1,6 @@
 """Typed wrappers of ``torch.ops.memops.*`` and their fake kernels (for ``torch.compile``).
 
-Every op follows ``shared/DESIGN.md`` section 2; ``torch_memops.reference`` holds the same
+Every op follows ``docs/design.md`` section 2; ``torch_memops.reference`` holds the same
 functions in plain PyTorch. Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads,
 ``S`` cached tokens, ``D`` head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R``
 representatives per page, ``k`` pages selected. Keys and values use the Hugging Face layout

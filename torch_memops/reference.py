@@ -5,7 +5,7 @@ batch rows, float32 (or the dtype asked for) arithmetic on upcast inputs. Tests 
 backend against it, benchmarks use it as the eager baseline, and the HLS C-simulation testbenches read golden
 vectors computed with it.
 
-Semantics are those of ``shared/DESIGN.md`` section 2; the choices that DESIGN.md leaves open are
+Semantics are those of ``docs/design.md`` section 2; the choices that section leaves open are
 recorded in ``docs/design.md``.
 """
 
@@ -145,7 +145,7 @@ def select_topk(
     sink_pages: int = 0,
     recent_pages: int = 0,
 ) -> Tuple[Tensor, Tensor]:
-    """Exact top-k of ``scores: [B, H, N]`` with DESIGN.md's rules.
+    """Exact top-k of ``scores: [B, H, N]`` with the rules of ``docs/design.md``.
 
     Only the first ``num_pages[b]`` pages are candidates. The first ``sink_pages`` and the last
     ``recent_pages`` valid pages are always taken and count toward ``k``; the rest of the budget
