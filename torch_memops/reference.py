@@ -5,8 +5,8 @@ batch rows, float32 (or the dtype asked for) arithmetic on upcast inputs. Tests 
 backend against it, benchmarks use it as the eager baseline, and the HLS C-simulation testbenches read golden
 vectors computed with it.
 
-Semantics are those of ``docs/design.md`` section 2; the choices that section leaves open are
-recorded in ``docs/design.md``.
+Semantics are those of ``docs/design.md`` section 2; the choices it leaves open are
+recorded in its section 7.
 """
 
 from __future__ import annotations
