@@ -164,7 +164,7 @@ def bound_scores(query: Tensor, summary: Tensor, sink_pages: int, recent_pages: 
 
 def flashinfer_pipeline(query: Tensor, summary: Tensor, keys: Tensor, values: Tensor, page_size: int,
                         budget_pages: int, *, sink_pages: int, recent_pages: int,
-                        use_tensor_cores: bool) -> Callable[[], Tensor]:
+                        use_tensor_cores: bool, compile: bool = True) -> Callable[[], Tensor]:
     """The Quest step assembled from peers: torch.compile'd bound scoring, ``flashinfer.top_k``
     (unsorted; FlashInfer does not need sorted pages) and FlashInfer's paged decode. Returns a
     callable for one step, meant to be captured in a CUDA graph."""
@@ -179,7 +179,7 @@ def flashinfer_pipeline(query: Tensor, summary: Tensor, keys: Tensor, values: Te
     decode = FlashInferDecode(query, keys, values, page_size, indptr, ids, last,
                               use_tensor_cores=use_tensor_cores, cuda_graph=True)
     base = (torch.arange(requests, device=query.device) * N).view(-1, 1)
-    scores = torch.compile(bound_scores, dynamic=False)
+    scores = torch.compile(bound_scores, dynamic=False) if compile else bound_scores
 
     def step():
         s = scores(query, summary, sink_pages, recent_pages).view(requests, N)

@@ -126,3 +126,75 @@ def test_cells_parse():
                                                            bench_e2e.Cell(2, 512)]
     with pytest.raises(SystemExit, match="8x32K"):
         bench_e2e.parse_cells("8-32K")
+
+
+class _FakeDecodeWrapper:
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper as its documentation describes it, computed
+    by paged_decode_torch: plan() stores the table (copied into the user's buffers in CUDA-graph
+    mode, so that run() reads whatever is in them then), run() returns out and a base-2 lse."""
+
+    def __init__(self, workspace, layout, use_cuda_graph=False, use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None):
+        assert layout == "NHD" and workspace.dtype == torch.uint8
+        self.graph = use_cuda_graph
+        self.buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
+             q_data_type, kv_data_type, sm_scale):
+        assert num_kv_heads == 1 and indptr.dtype == indices.dtype == last_page_len.dtype == torch.int32
+        if self.graph:
+            self.buffers[0].copy_(indptr)
+            self.buffers[1][:len(indices)].copy_(indices)
+            self.buffers[2].copy_(last_page_len)
+            self.table = self.buffers
+        else:
+            self.table = (indptr, indices, last_page_len)
+        self.heads, self.scale = num_qo_heads, sm_scale
+
+    def run(self, q, paged_kv_cache, return_lse=False):
+        keys, values = paged_kv_cache
+        assert q.shape[1] == self.heads and keys.shape[2] == 1
+        out, lse = fi.paged_decode_torch(q, keys, values, *self.table, scale=self.scale)
+        out = out.to(q.dtype)
+        return (out, lse / torch.log(torch.tensor(2.0))) if return_lse else out
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    import types
+
+    module = types.ModuleType("flashinfer")
+    module.__version__ = "fake"
+    module.BatchDecodeWithPagedKVCacheWrapper = _FakeDecodeWrapper
+    module.top_k = lambda scores, k: scores.topk(k, dim=-1)  # unsorted is allowed; topk's order is fine
+    monkeypatch.setitem(sys.modules, "flashinfer", module)
+    return module
+
+
+def test_flashinfer_decode_glue_on_selected_pages(fake_flashinfer):
+    B, Hq, Hkv, P, D, N, k = 2, 8, 2, 16, 32, 10, 4
+    keys, values = torch.randn(B, Hkv, N * P, D), torch.randn(B, Hkv, N * P, D)
+    query = torch.randn(B, Hq, D)
+    indices = ascending_pages(B, Hkv, N, k, [N] * B)
+    decode = fi.FlashInferDecode(query, keys, values, P, *fi.page_table(indices, N, P), use_tensor_cores=True)
+    out, _ = decode.run()
+    want, _ = reference.sparse_apply(query, keys, values, indices, P)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert fi.flashinfer_version() == "fake"
+
+
+def test_flashinfer_pipeline_glue_is_the_quest_step(fake_flashinfer):
+    B, Hq, Hkv, P, D, N, k = 2, 8, 2, 16, 32, 12, 5
+    keys, values = torch.randn(B, Hkv, N * P, D), torch.randn(B, Hkv, N * P, D)
+    query = torch.randn(B, Hq, D)
+    summary = reference.prepare_memory(keys, P)
+    step = fi.flashinfer_pipeline(query, summary, keys, values, P, k, sink_pages=1, recent_pages=2,
+                                  use_tensor_cores=False, compile=False)
+    _, indices = reference.topk_relevancy(query, summary, k, sink_pages=1, recent_pages=2)
+    want, _ = reference.sparse_apply(query, keys, values, indices, P)
+    torch.testing.assert_close(step(), want, rtol=1e-5, atol=1e-5)
+    # New data in the same buffers: the step follows it (what a replayed graph sees).
+    query.copy_(torch.randn_like(query))
+    _, indices = reference.topk_relevancy(query, summary, k, sink_pages=1, recent_pages=2)
+    want, _ = reference.sparse_apply(query, keys, values, indices, P)
+    torch.testing.assert_close(step(), want, rtol=1e-5, atol=1e-5)
