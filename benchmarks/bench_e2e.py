@@ -186,29 +186,46 @@ def reset_compiled(model):
             delattr(model, attr)
 
 
-def fill_random(cache, model, batch: int, context: int, dtype, device):
-    """Write random prompt keys/values into every layer of ``cache`` (one layer's worth at a time)."""
+def random_layers(model, batch: int, context: int, dtype, device):
+    """Random prompt keys/values, one layer's ``(keys, values)`` at a time (a generator, so that
+    only one layer's worth exists beside the cache)."""
     config = model.config
     shape = (batch, config.num_key_value_heads, context, config.head_dim)
     generator = torch.Generator(device=device).manual_seed(1)
-    for index in range(config.num_hidden_layers):
-        keys = torch.randn(shape, dtype=dtype, device=device, generator=generator)
-        values = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    for _ in range(config.num_hidden_layers):
+        yield (torch.randn(shape, dtype=dtype, device=device, generator=generator),
+               torch.randn(shape, dtype=dtype, device=device, generator=generator))
+
+
+def fill_random(cache, model, batch: int, context: int, dtype, device):
+    """Write random prompt keys/values into every layer of a transformers cache."""
+    for index, (keys, values) in enumerate(random_layers(model, batch, context, dtype, device)):
         cache.update(keys, values, index)
-        del keys, values
     return cache
 
 
 def rewind(cache, length: int) -> None:
-    """Put a filled static cache back at ``length`` tokens in place (addresses unchanged)."""
+    """Put a filled static cache back at ``length`` tokens in place (buffer addresses unchanged).
+
+    transformers' ``StaticLayer`` keeps its fill level in the device tensor
+    ``cumulative_length``; a static MemopsCache layer in ``seen`` (tokens transformers has seen)
+    and ``storage.seq_lens`` (valid tokens per row, one tensor per device). The summary of the
+    page holding ``length`` is recomputed by the next decode step, which re-prepares its page.
+    """
     if hasattr(cache, "rewind"):
         cache.rewind(length)
         return
     for layer in cache.layers:
         counter = getattr(layer, "cumulative_length", None)
-        if not isinstance(counter, torch.Tensor):
-            raise RuntimeError(f"cannot rewind a {type(cache).__name__}: its layers keep no length tensor")
-        counter.fill_(length)
+        storage = getattr(layer, "storage", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)
+        elif isinstance(getattr(layer, "seen", None), torch.Tensor) and getattr(storage, "static", False):
+            layer.seen.fill_(length)
+            for lens in storage.seq_lens.values():
+                lens.fill_(length)
+        else:
+            raise RuntimeError(f"cannot rewind a {type(cache).__name__}: its layers keep no device length")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,24 +311,26 @@ class Runner:
     def _cache_factory(self, spec: RowSpec, cell: Cell, session, max_cache_len: int):
         """``make()`` -> kwargs giving ``generate()`` a cache holding the random prompt."""
         model = self.model
+        def prefix():
+            return random_layers(model, cell.batch, cell.context, self.dtype, self.device)
+
         if not spec.static:
             def make():
                 if spec.ours:
-                    cache = session.new_cache()
-                else:
-                    from transformers import DynamicCache
+                    return {self.cache_kwarg: session.new_cache(prefix())}
+                from transformers import DynamicCache
 
-                    cache = DynamicCache(config=model.config)
+                cache = DynamicCache(config=model.config)
                 return {self.cache_kwarg: fill_random(cache, model, cell.batch, cell.context, self.dtype,
                                                       self.device)}
             return make
         if spec.ours:
-            cache = session.new_cache(max_cache_len=max_cache_len)
+            cache = session.new_cache(prefix(), max_cache_len=max_cache_len)
         else:
             from transformers import StaticCache
 
             cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        fill_random(cache, model, cell.batch, cell.context, self.dtype, self.device)
+            fill_random(cache, model, cell.batch, cell.context, self.dtype, self.device)
 
         def make():
             rewind(cache, cell.context)
@@ -338,8 +357,10 @@ class Runner:
             return seconds, out
 
         start = time.perf_counter()
+        first = None
         for _ in range(args.warmup):
-            call(1 + n)
+            _, out = call(1 + n)
+            first = out if first is None else first
             call(1)
         result.warmup_s = round(time.perf_counter() - start, 2)
         result.compiled = "_compiled_call" in self.model.__dict__
@@ -356,6 +377,10 @@ class Runner:
         result.extra["graphs_compiled_while_timed"] = compiled_graphs() - graphs_before
         prompt = inputs["input_ids"].shape[1]
         result.tokens = out[:, prompt:].tolist()
+        if first is not None:
+            # The first call (fresh cache) and the last (a rewound static cache, or a rebuilt one)
+            # must give the same greedy tokens: the rewind restores the prompt state.
+            result.extra["tokens_same_first_and_last_call"] = bool(torch.equal(first, out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,12 +466,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"cells {QUICK_CELLS}")
     parser.add_argument("--rows", default=",".join(ROW_NAMES), help="comma-separated subset of " + ",".join(ROW_NAMES))
     parser.add_argument("--cpu-smoke", action="store_true",
-                        help=f"a tiny random Llama (hidden 128, 4 layers) on the CPU, cells {SMOKE_CELLS}, budget 128")
+                        help=f"a tiny random Llama (hidden 128, 4 layers) on the CPU, cells {SMOKE_CELLS}, budget 128, "
+                             "4 new tokens")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dense-layers", type=int, default=2, help="leading layers the pipeline keeps dense")
-    parser.add_argument("--new-tokens", type=int, default=8, help="n: tokens timed per call beyond the first")
+    parser.add_argument("--new-tokens", type=int, default=16, help="n: tokens timed per call beyond the first")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="warm-up pairs (t(1+n), t(1)) per row")
     parser.add_argument("--prefill", choices=("random", "real"), default="random")
@@ -466,6 +492,8 @@ def main(argv=None):
             args.layers = 4
         if args.budget == 2048:
             args.budget = 128
+        if args.new_tokens == 16:
+            args.new_tokens = 4
     rows = [spec for spec in ROWS if spec.name in args.rows.split(",")]
     unknown = set(args.rows.split(",")) - set(ROW_NAMES)
     if unknown:
