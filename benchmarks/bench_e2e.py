@@ -13,6 +13,8 @@ rows (each compiled row starts from a fresh ``torch._dynamo`` as a new process w
   grouped keys/values without expanding them (SDPA with a static cache's mask repeats them per
   query head); the fastest stock configuration found besides the two above.
 - ``ours-eager``: ``generate()`` inside ``torch_memops.hf.enable`` (eager MemopsCache).
+- ``ours-static-eager``: the compileable MemopsCache, not compiled (``disable_compile=True``):
+  tells what the static cache alone changes.
 - ``ours-compiled``: the same with the compileable MemopsCache (``cache_implementation="static"``
   or ``session.new_cache(max_cache_len=N)``), auto-compiled by transformers.
 - ``ours-dense-compiled``: ``method="dense"`` through the compiled cache: tells graph gains from
@@ -85,6 +87,7 @@ class RowSpec:
     static: bool  # a compileable cache: transformers auto-compiles the decode forward
     attn: str = "sdpa"
     method: str = "quest"
+    compile: bool = True  # False: the static cache with generate(disable_compile=True)
 
 
 ROWS = [
@@ -93,6 +96,8 @@ ROWS = [
     RowSpec("stock-static-flex", "stock generate(), StaticCache, auto-compiled, flex_attention", ours=False,
             static=True, attn="flex_attention"),
     RowSpec("ours-eager", "generate() in hf.enable, eager MemopsCache", ours=True, static=False),
+    RowSpec("ours-static-eager", "generate() in hf.enable, static MemopsCache, not compiled", ours=True,
+            static=True, compile=False),
     RowSpec("ours-compiled", "generate() in hf.enable, static MemopsCache, auto-compiled", ours=True, static=True),
     RowSpec("ours-dense-compiled", "the same, method='dense'", ours=True, static=True, method="dense"),
 ]
@@ -347,7 +352,7 @@ class Runner:
                 return dict(static)
         else:
             make = self._cache_factory(spec, cell, session, max_cache_len)
-        extra = dict(compile_kwargs) if spec.static else {}
+        extra = {} if not spec.static else dict(compile_kwargs) if spec.compile else {"disable_compile": True}
 
         def call(new_tokens):
             kwargs = make()
@@ -408,9 +413,14 @@ def cell_summary(cell_rows: list[RowResult], floors: dict) -> dict:
         summary["ours_compiled_x_floor_sparse"] = round(ours / floors["floor_sparse_ms"], 2)
         if stock:
             summary["speedup_vs_fastest_stock"] = round(stock[best] / ours, 2)
-    eager_tokens = {r.row: r.tokens for r in cell_rows if r.tokens is not None}
-    if "ours-compiled" in eager_tokens and "ours-eager" in eager_tokens:
-        summary["ours_compiled_tokens_equal_eager"] = eager_tokens["ours-compiled"] == eager_tokens["ours-eager"]
+    tokens = {r.row: r.tokens for r in cell_rows if r.tokens is not None}
+    # Greedy tokens that should agree: the pipeline static/compiled vs eager, dense vs stock.
+    for name, a, b in (("ours_compiled_tokens_equal_eager", "ours-compiled", "ours-eager"),
+                       ("ours_static_eager_tokens_equal_eager", "ours-static-eager", "ours-eager"),
+                       ("ours_dense_tokens_equal_stock", "ours-dense-compiled", "stock-dynamic"),
+                       ("stock_static_tokens_equal_dynamic", "stock-static", "stock-dynamic")):
+        if a in tokens and b in tokens:
+            summary[name] = tokens[a] == tokens[b]
     return summary
 
 
