@@ -38,6 +38,13 @@ from torch_memops import ops  # noqa: E402
 PAGE = 16
 DTYPE = torch.bfloat16
 SINK_PAGES, RECENT_PAGES = 1, 2
+# Issue 11's table: (S, model, batch, budgets).
+ISSUE_CELLS = [
+    (32768, "llama3-8b", 8, [2048]), (32768, "llama3-8b", 1, [2048]),
+    (131072, "llama3-8b", 8, [4096]), (131072, "llama3-8b", 1, [4096]),
+    (32768, "qwen-7to1", 8, [2048]),
+    (32768, "llama2-7b", 1, [2048]), (32768, "llama2-7b", 8, [2048]), (131072, "llama2-7b", 8, [4096]),
+]
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -159,6 +166,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="attention shapes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--issue-cells", action="store_true",
+                        help="the eight cells of issue 11's table (budget 2048 at 32K, 4096 at 128K)")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer rows")
     parser.add_argument("--flashinfer-tensor-cores", choices=("auto", "on", "off"), default="auto",
                         help="FlashInfer's use_tensor_cores (auto: for GQA groups >= 4)")
@@ -182,61 +191,64 @@ def main() -> None:
     else:
         print(f"FlashInfer {flashinfer}: measured in the same run", flush=True)
     compiled_quest = torch.compile(quest_torch, dynamic=False)
-    for S in lengths:
-        for model, (Hq, Hkv, D) in models.items():
-            for B in batches:
-                if time.time() > deadline:
-                    print("deadline reached: remaining cells not measured", flush=True)
-                    return
-                shape = f"{model} B{B} S{S // 1024}K"
-                k_cache = torch.randn(B, Hkv, S, D, device="cuda", dtype=DTYPE)
-                v_cache = torch.randn_like(k_cache)
-                query = torch.randn(B, Hq, D, device="cuda", dtype=DTYPE)
-                summary = ops.prepare_memory(k_cache, PAGE)
-                dense = dense_rows(report, shape, query, k_cache, v_cache)
-                tensor_cores = use_tensor_cores(args.flashinfer_tensor_cores, Hq // Hkv)
-                if flashinfer is not None:
-                    fi_dense = flashinfer_dense_row(report, shape, query, k_cache, v_cache, tensor_cores)
-                    if fi_dense is not None:
-                        dense["flashinfer dense"] = fi_dense
-                fastest_name = min(dense, key=dense.get)
-                fastest = dense[fastest_name]
-                for budget in budgets:
-                    kp = budget // PAGE
-                    ideal = S / (S / PAGE + budget)
-                    cell = f"{shape} budget{budget}"
-                    nbytes = (summary.numel() * summary.element_size()
-                              + 2 * B * Hkv * budget * D * k_cache.element_size())
-                    def step():
-                        return memops_step(query, summary, k_cache, v_cache, kp)
+    if args.issue_cells:
+        cells = ISSUE_CELLS
+    else:
+        cells = [(S, model, B, budgets) for S in lengths for model in models for B in batches]
+    for S, model, B, cell_budgets in cells:
+        Hq, Hkv, D = MODELS[model]
+        if time.time() > deadline:
+            print("deadline reached: remaining cells not measured", flush=True)
+            return
+        shape = f"{model} B{B} S{S // 1024}K"
+        k_cache = torch.randn(B, Hkv, S, D, device="cuda", dtype=DTYPE)
+        v_cache = torch.randn_like(k_cache)
+        query = torch.randn(B, Hq, D, device="cuda", dtype=DTYPE)
+        summary = ops.prepare_memory(k_cache, PAGE)
+        dense = dense_rows(report, shape, query, k_cache, v_cache)
+        tensor_cores = use_tensor_cores(args.flashinfer_tensor_cores, Hq // Hkv)
+        if flashinfer is not None:
+            fi_dense = flashinfer_dense_row(report, shape, query, k_cache, v_cache, tensor_cores)
+            if fi_dense is not None:
+                dense["flashinfer dense"] = fi_dense
+        fastest_name = min(dense, key=dense.get)
+        fastest = dense[fastest_name]
+        for budget in cell_budgets:
+            kp = budget // PAGE
+            ideal = S / (S / PAGE + budget)
+            cell = f"{shape} budget{budget}"
+            nbytes = (summary.numel() * summary.element_size()
+                      + 2 * B * Hkv * budget * D * k_cache.element_size())
+            def step():
+                return memops_step(query, summary, k_cache, v_cache, kp)
 
-                    ms = median_ms(step)
-                    report.add(Row("memops step (topk_relevancy+sparse_apply)", cell, ms, nbytes,
-                                   {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
-                                    "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
-                                    "vs": fastest_name,
-                                    **short_kernel_names(kernel_times_us(step))}))
-                    # The same step captured in a CUDA graph, as serving engines run decode: no
-                    # host work between the kernels.
-                    replay = graph_replay(lambda: memops_step(query, summary, k_cache, v_cache, kp))
-                    ms = median_ms(replay)
-                    report.add(Row("memops step, CUDA graph", cell, ms, nbytes,
-                                   {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
-                                    "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
-                                    "vs": fastest_name}))
-                    ms = median_ms(lambda: quest_torch(query, summary, k_cache, v_cache, kp))
-                    report.add(Row("torch Quest eager", cell, ms, nbytes,
-                                   {"speedup": round(fastest / ms, 2)}))
-                    if (model, B, S) in compile_cells and budget == 2048:
-                        compiled_quest(query, summary, k_cache, v_cache, kp)
-                        ms = median_ms(lambda: compiled_quest(query, summary, k_cache, v_cache, kp))
-                        report.add(Row("torch Quest torch.compile", cell, ms, nbytes,
-                                       {"speedup": round(fastest / ms, 2)}))
-                    if flashinfer is not None:
-                        flashinfer_rows(report, cell, query, summary, k_cache, v_cache, kp, nbytes, fastest,
-                                        tensor_cores)
-                del k_cache, v_cache, summary
-                torch.cuda.empty_cache()
+            ms = median_ms(step)
+            report.add(Row("memops step (topk_relevancy+sparse_apply)", cell, ms, nbytes,
+                           {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
+                            "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
+                            "vs": fastest_name,
+                            **short_kernel_names(kernel_times_us(step))}))
+            # The same step captured in a CUDA graph, as serving engines run decode: no
+            # host work between the kernels.
+            replay = graph_replay(lambda: memops_step(query, summary, k_cache, v_cache, kp))
+            ms = median_ms(replay)
+            report.add(Row("memops step, CUDA graph", cell, ms, nbytes,
+                           {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
+                            "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
+                            "vs": fastest_name}))
+            ms = median_ms(lambda: quest_torch(query, summary, k_cache, v_cache, kp))
+            report.add(Row("torch Quest eager", cell, ms, nbytes,
+                           {"speedup": round(fastest / ms, 2)}))
+            if (model, B, S) in compile_cells and budget == 2048:
+                compiled_quest(query, summary, k_cache, v_cache, kp)
+                ms = median_ms(lambda: compiled_quest(query, summary, k_cache, v_cache, kp))
+                report.add(Row("torch Quest torch.compile", cell, ms, nbytes,
+                               {"speedup": round(fastest / ms, 2)}))
+            if flashinfer is not None:
+                flashinfer_rows(report, cell, query, summary, k_cache, v_cache, kp, nbytes, fastest,
+                                tensor_cores)
+        del k_cache, v_cache, summary
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 #   E2E_ROWS=all                      or a comma-separated subset of bench_e2e's rows
 #   E2E_ARGS="--new-tokens 16 --repeats 3 --warmup 1"
 #   DECODE_S=100                      seconds kept for the decode stage when it runs
-#   DECODE_ARGS="--lengths 32768 --budgets 2048 --batches 8 1 --no-compile"
+#   DECODE_ARGS="--issue-cells --no-compile"   (issue 11's eight cells; any bench_decode.py options)
 #   TAG=""                            suffix of the result files
 #
 # It installs the wheels carried in .whl (FlashInfer and its two dependencies, plus whatever else
@@ -24,7 +24,7 @@ E2E_CELLS="${E2E_CELLS:-8x32K,1x32K}"
 E2E_ROWS="${E2E_ROWS:-all}"
 E2E_ARGS="${E2E_ARGS:---new-tokens 16 --repeats 3 --warmup 1}"
 DECODE_S="${DECODE_S:-100}"
-DECODE_ARGS="${DECODE_ARGS:---lengths 32768 --budgets 2048 --batches 8 1 --no-compile}"
+DECODE_ARGS="${DECODE_ARGS:---issue-cells --no-compile}"
 TAG="${TAG:-}"
 SRC=/tmp/memops-src
 SITE=/tmp/memops-site
