@@ -379,6 +379,8 @@ class Runner:
             result.tn_s.append(round(tn, 5))
             per_token.append((tn - t1) / n)
         result.ms_per_token = 1e3 * statistics.median(per_token)
+        if result.ms_per_token <= 0:
+            result.status = "noise: t(1+n) <= t(1); raise --new-tokens or --repeats"
         result.extra["graphs_compiled_while_timed"] = compiled_graphs() - graphs_before
         prompt = inputs["input_ids"].shape[1]
         result.tokens = out[:, prompt:].tolist()
@@ -402,7 +404,8 @@ def environment(device) -> dict:
 
 
 def cell_summary(cell_rows: list[RowResult], floors: dict) -> dict:
-    times = {r.row: r.ms_per_token for r in cell_rows if r.ms_per_token is not None}
+    # A non-positive difference is noise (t(1) varied more than n steps cost): not a result.
+    times = {r.row: r.ms_per_token for r in cell_rows if r.ms_per_token is not None and r.ms_per_token > 0}
     stock = {name: ms for name, ms in times.items() if name.startswith("stock")}
     summary = dict(floors)
     if stock:
@@ -460,12 +463,19 @@ def write_report(path_json: Path, path_md: Path, result: dict) -> None:
             + (f"{summary['speedup_vs_fastest_stock']:.2f}x" if "speedup_vs_fastest_stock" in summary else "")
             + " | " + (f"{summary['ours_compiled_x_floor_sparse']:.2f}x"
                        if "ours_compiled_x_floor_sparse" in summary else "") + " |")
-    lines += ["", "Rows (warm-up includes compilation):", "",
-              "| cell | row | ms/token | warm-up s | compiled | status |", "|---|---|---:|---:|---|---|"]
+    lines += ["", "Greedy tokens of rows that compute the same thing:", ""]
+    for cell, summary in result["cells"].items():
+        agree = ", ".join(f"{k} {v}" for k, v in summary.items() if "tokens_equal" in k)
+        lines.append(f"- {cell}: {agree or 'n/a'}")
+    lines += ["", "Rows (warm-up includes compilation; 'same tokens': first and last call of the row):", "",
+              "| cell | row | ms/token | warm-up s | compiled | graphs compiled while timed | same tokens | status |",
+              "|---|---|---:|---:|---|---:|---|---|"]
     for row in result["rows"]:
         ms = "" if row["ms_per_token"] is None else f"{row['ms_per_token']:.2f}"
+        extra = row["extra"]
         lines.append(f"| {row['cell']} | {row['row']} | {ms} | {row['warmup_s'] or ''} | {row['compiled']} | "
-                     f"{row['status']} |")
+                     f"{extra.get('graphs_compiled_while_timed', '')} | "
+                     f"{extra.get('tokens_same_first_and_last_call', '')} | {row['status']} |")
     path_md.write_text("\n".join(lines) + "\n")
 
 
