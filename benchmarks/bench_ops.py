@@ -5,7 +5,10 @@
 Writes benchmarks/results/bench_ops.{json,md} (or $MEMOPS_BENCH_OUT). Shapes: the attention of
 Llama-3-8B, a Qwen-style 7:1 GQA and Llama-2-7B (MHA) at S = 8K/32K/128K, batch 1 and 8, page 16,
 a 2048-token budget; plus DeepSeek sparse attention's indexer (64 index heads, D 128, k 2048
-tokens).
+tokens). When ``import flashinfer`` works, FlashInfer in the same run over a zero-copy mapping
+of our cache (benchmarks/flashinfer_paged.py): its paged decode over the same pages as
+sparse_apply (outputs compared), its dense paged decode, and flashinfer.top_k next to
+torch.topk; skipped, with a line saying so, without FlashInfer (or with ``--no-flashinfer``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MODELS, Report, Row, cuda_switch, kernel_times_us, median_ms,  # noqa: E402
-                    short_kernel_names)
+from common import (MODELS, Report, Row, cuda_switch, graph_replay, kernel_times_us,  # noqa: E402
+                    median_ms, short_kernel_names)
+import flashinfer_paged as fi  # noqa: E402
 
 import torch_memops  # noqa: E402,F401
 from torch_memops import ops  # noqa: E402
@@ -40,7 +44,49 @@ def deadline_passed() -> bool:
     return time.time() > deadline
 
 
-def bench_attention_shapes(report: Report, batches, lengths, budget: int) -> None:
+def skipped(error: Exception) -> dict:
+    return {"skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"}
+
+
+def flashinfer_attention_rows(report: Report, shape, query, keys, values, idx, scores, kp, budget) -> None:
+    """FlashInfer next to sparse_apply (same pages, outputs compared), dense, and top-k."""
+    import flashinfer
+
+    B, Hq, D = query.shape
+    Hkv, N = keys.shape[1], keys.shape[2] // PAGE
+    tensor_cores = Hq // Hkv >= 4
+    apply_bytes = 2 * B * Hkv * budget * D * ELEM + 2 * B * Hq * D * ELEM
+    name = f"FlashInfer decode budget={budget} (same pages), CUDA graph"
+    try:
+        table = fi.page_table(idx, N, PAGE)
+        decode = fi.FlashInferDecode(query, keys, values, PAGE, *table, use_tensor_cores=tensor_cores)
+        theirs, _ = decode.run()
+        ours, _ = ops.sparse_apply(query, keys, values, idx, PAGE)
+        truth, _ = fi.paged_decode_torch(fi.grouped_query(query, Hkv), decode.k_pages, decode.v_pages, *table)
+        check = fi.compare_outputs(ours, theirs, truth.view(B, Hq, D))
+        ours_ms = median_ms(graph_replay(lambda: ops.sparse_apply(query, keys, values, idx, PAGE)))
+        report.add(Row(f"sparse_apply budget={budget}, CUDA graph", shape, ours_ms, apply_bytes))
+        report.add(Row(name, shape, median_ms(graph_replay(decode.run)), apply_bytes,
+                       {"tensor_cores": tensor_cores, **check}))
+    except Exception as error:  # a FlashInfer failure is a row of its own, not the end of the run
+        report.add(Row(name, shape, float("nan"), None, skipped(error)))
+    name = "FlashInfer dense decode, CUDA graph"
+    try:
+        decode = fi.FlashInferDecode(query, keys, values, PAGE, *fi.full_page_table(B, Hkv, N, PAGE, "cuda"),
+                                     use_tensor_cores=tensor_cores)
+        report.add(Row(name, shape, median_ms(graph_replay(decode.run)),
+                       2 * B * Hkv * N * PAGE * D * ELEM + 2 * B * Hq * D * ELEM, {"tensor_cores": tensor_cores}))
+    except Exception as error:
+        report.add(Row(name, shape, float("nan"), None, skipped(error)))
+    name = f"flashinfer.top_k on scores k={kp}"
+    try:
+        rows = scores.view(B * Hkv, N)
+        report.add(Row(name, shape, median_ms(lambda: flashinfer.top_k(rows, kp)), B * Hkv * N * 4))
+    except Exception as error:
+        report.add(Row(name, shape, float("nan"), None, skipped(error)))
+
+
+def bench_attention_shapes(report: Report, batches, lengths, budget: int, flashinfer: bool = False) -> None:
     for model, (Hq, Hkv, D) in MODELS.items():
         for B in batches:
             for S in lengths:
@@ -91,6 +137,8 @@ def bench_attention_shapes(report: Report, batches, lengths, budget: int) -> Non
                     report.add(Row(f"sparse_apply budget={budget} [portable kernels]", shape,
                                    median_ms(apply), apply_bytes,
                                    short_kernel_names(kernel_times_us(apply))))
+                if flashinfer:
+                    flashinfer_attention_rows(report, shape, query, keys, values, idx, scores, kp, budget)
                 report.add(Row("sparse_apply dense (indices=None)", shape,
                                median_ms(lambda: ops.sparse_apply(query, keys, values, None, PAGE)),
                                2 * B * Hkv * S * D * ELEM + 2 * B * Hq * D * ELEM))
@@ -135,12 +183,18 @@ def bench_indexer(report: Report, batches, lengths, k: int = 2048, heads: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 8, S = 32K only")
+    parser.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer rows")
     args = parser.parse_args()
     batches = [8] if args.quick else [1, 8]
     lengths = [32768] if args.quick else [8192, 32768, 131072]
     report = Report("bench_ops")
+    flashinfer = None if args.no_flashinfer else fi.flashinfer_version()
+    report.info["flashinfer"] = flashinfer
     print(f"{report.info}", flush=True)
-    bench_attention_shapes(report, batches, lengths, budget=2048)
+    print(f"FlashInfer {flashinfer}: measured in the same run" if flashinfer else
+          "FlashInfer: not measured (" + ("--no-flashinfer" if args.no_flashinfer else "import flashinfer failed")
+          + ")", flush=True)
+    bench_attention_shapes(report, batches, lengths, budget=2048, flashinfer=flashinfer is not None)
     bench_indexer(report, batches, lengths)
 
 

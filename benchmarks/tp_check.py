@@ -3,7 +3,9 @@
     torchrun --nproc-per-node 2 benchmarks/tp_check.py [--json out.json]
 
 A small random Llama (8 query / 4 kv heads, float32) is saved once and loaded on every rank with
-transformers' ``tp_plan="auto"``: q/k/v projections are split by heads, so each rank's attention
+transformers' ``distributed_config=DistributedConfig(tp_size=world_size)`` (the model's own
+tensor-parallel plan; the interface of transformers 5.17 and 5.24, which replaces the deprecated
+``tp_plan=`` argument of ``from_pretrained``): q/k/v projections are split by heads, so each rank's attention
 sees ``Hkv / world_size`` kv heads and its MemopsCache holds only those. Greedy ``generate()``
 with the pipeline (full token budget) on the sharded model must give the same tokens as dense
 attention on one device (rank 0 loads the unsharded model). Runs on CUDA with NCCL, or on CPU
@@ -50,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--json", type=Path)
     parser.add_argument("--context", type=int, default=1000)
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -67,8 +69,8 @@ def main(argv=None):
         save_random_model(shared[0])
     dist.barrier()
 
-    model = AutoModelForCausalLM.from_pretrained(shared[0], tp_plan="auto", dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(shared[0], distributed_config=DistributedConfig(tp_size=world),
+                                                 dtype=torch.float32, attn_implementation="sdpa").eval()
     input_ids = torch.randint(0, 1024, (1, args.context), generator=torch.Generator().manual_seed(1)).to(device)
     full_budget = hf.MemopsConfig(page_size=16, token_budget=8192, dense_layers=1)
     tp_memops, cache = greedy(model, input_ids, full_budget)

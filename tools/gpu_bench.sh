@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: the end-to-end generate() table (benchmarks/bench_e2e.py) and the
+# decode-step table with FlashInfer in the same run (benchmarks/bench_decode.py), within a time
+# budget. Results (JSON, Markdown, logs) go flat under $OUT.
+#
+#   BUDGET_S=500                      whole call, seconds (every stage is cut to fit)
+#   STAGES="build e2e decode"         what to run
+#   E2E_CELLS="8x32K,1x32K"           bench_e2e cells (all six: 1x8K,8x8K,1x32K,8x32K,1x128K,4x128K)
+#   E2E_ROWS=all                      or a comma-separated subset of bench_e2e's rows
+#   E2E_ARGS="--new-tokens 16 --repeats 3 --warmup 1"
+#   DECODE_S=100                      seconds kept for the decode stage when it runs
+#   DECODE_ARGS="--issue-cells --no-compile"   (issue 11's eight cells; any bench_decode.py options)
+#   TAG=""                            suffix of the result files
+#
+# It installs the wheels carried in .whl (FlashInfer and its two dependencies, plus whatever else
+# is there) into /tmp/memops-site, builds the CUDA extension in a copy of the tree under /tmp
+# (skipped when a build of the same sources is already there, e.g. on a warm machine), and runs
+# the benchmarks from that copy.
+set -uo pipefail
+OUT="${OUT:-/tmp/memops-gpu-out}"
+BUDGET_S="${BUDGET_S:-500}"
+STAGES="${STAGES:-build e2e decode}"
+E2E_CELLS="${E2E_CELLS:-8x32K,1x32K}"
+E2E_ROWS="${E2E_ROWS:-all}"
+E2E_ARGS="${E2E_ARGS:---new-tokens 16 --repeats 3 --warmup 1}"
+DECODE_S="${DECODE_S:-100}"
+DECODE_ARGS="${DECODE_ARGS:---issue-cells --no-compile}"
+TAG="${TAG:-}"
+SRC=/tmp/memops-src
+SITE=/tmp/memops-site
+mkdir -p "$OUT"
+start=$(date +%s)
+end=$((start + BUDGET_S - 15))
+left() { echo $((end - $(date +%s))); }
+export PYTHONUNBUFFERED=1 MEMOPS_BENCH_OUT="$OUT"
+export TORCHINDUCTOR_CACHE_DIR=/tmp/memops-inductor TORCHINDUCTOR_COMPILE_THREADS=16
+export FLASHINFER_WORKSPACE_BASE=/tmp/memops-flashinfer
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+lscpu > "$OUT/lscpu.txt" 2>&1
+
+# Wheels carried in .whl (no index: the machine reaches nothing outside).
+if ls .whl/*.whl > /dev/null 2>&1 && [ ! -f "$SITE/.installed" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl \
+    > "$OUT/pip.log" 2>&1 && touch "$SITE/.installed"
+  echo "wheels: rc $? ($(ls .whl/*.whl | wc -l) files)"
+fi
+# The image's Python loads an older libstdc++ than the extension is built against (docs/cuda.md).
+export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
+
+# A copy of the tree: sources of this call, build outputs kept when the sources are unchanged.
+mkdir -p "$SRC"
+tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - . | (cd "$SRC" && tar -xf -)
+export PYTHONPATH="$SITE:$SRC"
+cd "$SRC" || exit 1
+stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
+if [[ " $STAGES " == *" build "* ]]; then
+  if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
+    cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
+  else
+    t0=$(date +%s)
+    if ! { cmake -S . -B build/cuda -G Ninja -DMEMOPS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
+           cmake --build build/cuda -j16; } > "$OUT/build.log" 2>&1; then
+      tail -40 "$OUT/build.log"; exit 1
+    fi
+    cp torch_memops/_C*.so build/cuda/ 2>/dev/null
+    echo "$stamp" > build/cuda/.stamp
+    echo "build: $(( $(date +%s) - t0 )) s"
+  fi
+fi
+python3 -c "import torch, transformers, torch_memops; print('torch', torch.__version__, '| transformers', \
+transformers.__version__)" 2>&1 | tail -1
+python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>/dev/null ||
+  echo "flashinfer: not importable (its rows are skipped)"
+
+if [[ " $STAGES " == *" e2e "* ]]; then
+  reserve=0
+  [[ " $STAGES " == *" decode "* ]] && reserve=$DECODE_S
+  e2e_end=$((end - reserve))
+  rows=()
+  [ "$E2E_ROWS" != all ] && rows=(--rows "$E2E_ROWS")
+  t0=$(date +%s)
+  # The script stops starting rows near its deadline; timeout ends a row that overruns it.
+  MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
+    python3 benchmarks/bench_e2e.py --cells "$E2E_CELLS" "${rows[@]}" $E2E_ARGS --row-margin 60 \
+    --out "$OUT" --tag "$TAG" > "$OUT/e2e$TAG.log" 2>&1
+  echo "bench_e2e: rc $? in $(( $(date +%s) - t0 )) s"
+  grep -E "^B[0-9]+ " "$OUT/e2e$TAG.log" | tail -40
+fi
+if [[ " $STAGES " == *" decode "* ]]; then
+  t0=$(date +%s)
+  budget=$(left)
+  if [ "$budget" -gt 30 ]; then
+    MEMOPS_BENCH_DEADLINE=$((end - 10)) timeout "$budget" \
+      python3 benchmarks/bench_decode.py $DECODE_ARGS --tag "$TAG" > "$OUT/decode$TAG.log" 2>&1
+    echo "bench_decode: rc $? in $(( $(date +%s) - t0 )) s"
+  else
+    echo "bench_decode: not run (${budget} s left)"
+  fi
+fi
+echo "total: $(( $(date +%s) - start )) s"
+[ -f "$OUT/bench_decode$TAG.md" ] && grep -E "FlashInfer|memops step, CUDA|cudnn\], CUDA" "$OUT/bench_decode$TAG.md" | cut -c1-160 | tail -24
+[ -f "$OUT/bench_e2e$TAG.md" ] && sed -n '/^| cell | floor/,/^$/p' "$OUT/bench_e2e$TAG.md"
+exit 0
