@@ -46,4 +46,10 @@ void check_num_pages_values(const char* op, const std::optional<at::Tensor>& num
                             int64_t num_pages_total);
 void check_indices_values(const char* op, const at::Tensor& indices, int64_t num_pages_total);
 
+// Checked mode of the device backends (csrc/value_checks.cpp, torch_memops.set_value_checks):
+// when on, they run the value checks above before launching (a host sync), except while a CUDA
+// graph is being captured. Without it they apply the out-of-range rule of docs/design.md.
+bool value_checks_enabled();
+void set_value_checks(bool enabled);
+
 }  // namespace memops

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-import torch_memops  # noqa: F401  (registers the ops)
+import torch_memops
 from torch_memops import ops, reference
 
 pytestmark = [
@@ -496,6 +496,162 @@ def test_merge_attention(dtype):
     tol = OUT_TOL[dtype]
     torch.testing.assert_close(out.cpu().float(), want_out.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Out-of-range values: the rule without a host sync, and the checked mode (docs/design.md)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _value_checks_off():
+    """Every test starts with the checked mode off (MEMOPS_VALUE_CHECKS may be set) and leaves
+    the setting as it found it."""
+    previous = torch_memops.value_checks()
+    torch_memops.set_value_checks(False)
+    yield
+    torch_memops.set_value_checks(previous)
+
+
+def _bad_value_calls():
+    """(id, call(device), call with the rule applied by hand) for the values of issue 10: pages
+    9 and 10^6 of 3 in gather_retrieve, 10^7 and -5 in sparse_apply, seq_lens of 10^6 for a
+    20-token cache, num_pages beyond N. Inputs are built once on the CPU; each call moves them."""
+    S, P, D = 20, 8, 64
+    N = -(-S // P)
+    keys = torch.randn(2, 2, S, D)
+    values = torch.randn(2, 2, S, D)
+    query = torch.randn(2, 4, D)
+    summary = reference.prepare_memory(keys, P)
+    t = lambda *rows: torch.tensor(rows, dtype=torch.int32)  # noqa: E731
+    idx_gather = t([[0, 9, 10**6], [2, -5, 1]], [[1, -1, -1], [10**6, 0, 2]])
+    pad_gather = t([[0, -1, -1], [2, -1, 1]], [[1, -1, -1], [-1, 0, 2]])
+    idx_apply = t([[0, 10**7, 2], [-5, 1, 2]], [[1, 2, -5], [0, -1, 10**7]])
+    pad_apply = t([[0, -1, 2], [-1, 1, 2]], [[1, 2, -1], [0, -1, -1]])
+    long_lens, clamped_lens = t(10**6, 3), t(S, 3)
+    neg_lens, zero_lens = t(S, -4), t(S, 0)
+
+    def on(device, *ts):
+        return [None if x is None else x.to(device) for x in ts]
+
+    def gather(idx, lens=None):
+        return lambda d: ops.gather_retrieve(*on(d, keys, idx), P,
+                                             seq_lens=None if lens is None else lens.to(d))
+
+    def apply(idx, lens=None):
+        return lambda d: ops.sparse_apply(*on(d, query, keys, values, idx), P,
+                                          seq_lens=None if lens is None else lens.to(d))
+
+    def prepare(lens):
+        return lambda d: ops.prepare_memory(keys.to(d), P, seq_lens=lens.to(d))
+
+    def topk(pages):
+        return lambda d: ops.topk_relevancy(*on(d, query, summary), 2, num_pages=pages.to(d))
+
+    return [
+        ("gather/index-9-and-1e6", gather(idx_gather), gather(pad_gather)),
+        ("gather/seq_lens-1e6", gather(pad_gather, long_lens), gather(pad_gather, clamped_lens)),
+        ("apply/index-1e7-and-neg5", apply(idx_apply), apply(pad_apply)),
+        ("apply/seq_lens-1e6", apply(pad_apply, long_lens), apply(pad_apply, clamped_lens)),
+        ("apply/dense-seq_lens-neg", apply(None, neg_lens), apply(None, zero_lens)),
+        ("prepare/seq_lens-1e6", prepare(long_lens), prepare(clamped_lens)),
+        ("prepare/seq_lens-neg", prepare(neg_lens), prepare(zero_lens)),
+        ("topk/num_pages-over-N", topk(t(N + 5, 1)), topk(t(N, 1))),
+        ("topk/num_pages-neg", topk(t(N, -2)), topk(t(N, 0))),
+    ]
+
+
+BAD_VALUE_IDS = [c[0] for c in _bad_value_calls()]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_VALUE_IDS)), ids=BAD_VALUE_IDS)
+def test_out_of_range_values_follow_the_rule(case):
+    """Checked mode off: the CUDA result equals the result of the inputs with the rule applied
+    (bad pages made -1, seq_lens and num_pages clamped), which the CPU accepts."""
+    name, bad, fixed = _bad_value_calls()[case]
+    as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+    got, want = as_tuple(bad(DEV)), as_tuple(fixed(DEV))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    if name.startswith(("gather/", "prepare/")):  # data movement and min/max: the CPU's bits
+        for g, c in zip(got, as_tuple(fixed("cpu")), strict=True):
+            assert torch.equal(g.cpu(), c)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_VALUE_IDS)), ids=BAD_VALUE_IDS)
+def test_checked_mode_raises_the_cpu_error(case):
+    _, bad, _ = _bad_value_calls()[case]
+    with pytest.raises(ValueError) as on_cpu:
+        bad("cpu")
+    torch_memops.set_value_checks(True)
+    with pytest.raises(ValueError) as on_cuda:
+        bad(DEV)
+    assert str(on_cuda.value).splitlines()[0] == str(on_cpu.value).splitlines()[0]
+
+
+def test_checked_mode_writes_nothing_into_the_summary():
+    keys = torch.randn(1, 2, 20, 64, device=DEV)
+    summary = torch.full((1, 2, 3, 2, 64), 7.0, device=DEV)
+    torch_memops.set_value_checks(True)
+    with pytest.raises(ValueError, match=r"`seq_lens\[0\]` = 1000000 is outside \[0, S\]"):
+        ops.prepare_memory_(summary, keys, 8, 0,
+                            seq_lens=torch.tensor([10**6], dtype=torch.int32, device=DEV))
+    assert torch.all(summary == 7.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+def test_rule_on_every_kernel_path(dtype, tensor_cores, monkeypatch):
+    """bfloat16, D = 128 takes the tensor-core kernels of sparse_apply and topk_relevancy unless
+    switched off; float32 always the portable ones."""
+    monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
+    B, Hq, Hkv, S, D, P = 2, 8, 2, 300, 128, 16
+    N = -(-S // P)
+    query = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV).to(dtype)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV).to(dtype)
+    idx = sorted_page_indices(B, Hkv, 9, N, pad_from=6)
+    bad = idx.clone()
+    bad[0, 0, 6], bad[0, 1, 7], bad[1, 0, 8], bad[1, 1, 6] = 10**7, -5, N, -(2**31)
+    lens = torch.tensor([S, 100], dtype=torch.int32, device=DEV)
+    got = ops.sparse_apply(query, k_cache, v_cache, bad, P,
+                           seq_lens=torch.tensor([10**6, 100], dtype=torch.int32, device=DEV))
+    want = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    a, b = (torch.randn(B, Hkv, N, D, device=DEV).to(dtype) for _ in range(2))
+    summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
+    pages = torch.tensor([N + 1000, -7], dtype=torch.int32, device=DEV)
+    clamped = torch.tensor([N, 0], dtype=torch.int32, device=DEV)
+    got = ops.topk_relevancy(query, summary, 5, num_pages=pages, sink_pages=1, recent_pages=1)
+    want = ops.topk_relevancy(query, summary, 5, num_pages=clamped, sink_pages=1, recent_pages=1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_checked_mode_is_off_inside_cuda_graph_capture():
+    B, Hq, Hkv, S, D, P = 1, 8, 2, 64, 64, 16
+    query = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16)
+    k_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    v_cache = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    good = torch.tensor([[[0, 1, 3], [2, 3, -1]]], dtype=torch.int32, device=DEV)
+    static_idx = good.clone()
+    torch_memops.set_value_checks(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.sparse_apply(query, k_cache, v_cache, static_idx, P)  # warm-up, checked: valid
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ops.sparse_apply(query, k_cache, v_cache, static_idx, P)
+    static_idx.copy_(torch.tensor([[[0, 99, 3], [2, 3, -8]]], dtype=torch.int32))
+    graph.replay()
+    want_out, want_lse = ops.sparse_apply(
+        query, k_cache, v_cache, torch.tensor([[[0, -1, 3], [2, 3, -1]]], dtype=torch.int32,
+                                              device=DEV), P)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    with pytest.raises(ValueError, match="`indices` holds page 99"):
+        ops.sparse_apply(query, k_cache, v_cache, static_idx, P)  # eager again: checked
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,9 +19,43 @@ from torch_memops.ops import (
 
 __version__ = "0.1.0"
 
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the checked mode of the device backends on or off (process-wide).
+
+    Index, length and page-count values (``indices``, ``seq_lens``, ``num_pages``) live in
+    tensors. The CPU always checks them and raises ``ValueError`` for an out-of-range value.
+    Device backends do not read them back by default (that would be a host synchronisation and
+    would break CUDA-graph capture); they apply one rule instead, so that nothing is read or
+    written outside the tensors: a page index outside ``[0, N)`` is padding (never read),
+    ``seq_lens`` is clamped to ``[0, S]`` and ``num_pages`` to ``[0, N]`` (``docs/design.md``).
+
+    With checked mode on, the CUDA (and HIP) ops copy those values to the host before launching
+    and raise the CPU's ``ValueError`` for them, writing nothing; this synchronises. It does
+    not apply while the current stream is capturing a CUDA graph (the rule applies there).
+    The environment variable ``MEMOPS_VALUE_CHECKS=1`` turns it on when the library loads.
+    The fpga backend always checks (its ops are synchronous).
+
+    Examples
+    --------
+    >>> set_value_checks(True)
+    >>> value_checks()
+    True
+    >>> set_value_checks(False)
+    """
+    torch.ops.memops_settings.set_value_checks(bool(enabled))
+
+
+def value_checks() -> bool:
+    """Whether the checked mode of :func:`set_value_checks` is on."""
+    return bool(torch.ops.memops_settings.value_checks())
+
+
 __all__ = [
     "fpga",
     "ops",
+    "set_value_checks",
+    "value_checks",
     "prepare_memory",
     "prepare_memory_",
     "topk_relevancy",

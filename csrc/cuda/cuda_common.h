@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -13,6 +14,7 @@
 #include <string>
 
 #include "cuda/launch.h"
+#include "validate.h"
 
 namespace memops {
 
@@ -40,6 +42,14 @@ inline const int32_t* optional_int_data(const std::optional<at::Tensor>& t, at::
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Checked mode (torch_memops.set_value_checks) applies now: it is on and the current stream of
+// the current device is not capturing a CUDA graph (the host copy of the values would break the
+// capture, and a replay would not repeat the check). Call it under the op's device guard.
+inline bool value_checks_now() {
+  return value_checks_enabled() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
 
 // Blocks that keep every multiprocessor of the current device busy (grid-stride kernels, split
 // planning). The count is read once per device: a host query, no synchronisation.

@@ -27,6 +27,10 @@ std::tuple<at::Tensor, at::Tensor> gather_retrieve_cuda(const at::Tensor& memory
   const c10::cuda::CUDAGuard guard(memory.device());
   const int64_t B = memory.size(0), H = memory.size(1), S = memory.size(2), D = memory.size(3);
   const int64_t k = indices.size(2);
+  if (value_checks_now()) {
+    check_indices_values("gather_retrieve", indices, ceil_div(S, page_size));
+    check_seq_lens_values("gather_retrieve", seq_lens, S);
+  }
   at::Tensor out = at::empty({B, H, k * page_size, D}, memory.options());
   at::Tensor lengths = at::empty({B, H}, indices.options());
   if (B * H == 0) return {out, lengths};

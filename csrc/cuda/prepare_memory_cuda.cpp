@@ -39,6 +39,7 @@ at::Tensor prepare_memory_cuda(const at::Tensor& keys, int64_t page_size, c10::s
   const std::string mode_s(mode);
   check_prepare_memory(keys, page_size, mode_s, seq_lens);
   const c10::cuda::CUDAGuard guard(keys.device());
+  if (value_checks_now()) check_seq_lens_values("prepare_memory", seq_lens, keys.size(2));
   const SummaryMode m = parse_summary_mode("prepare_memory", mode_s);
   at::Tensor summary = new_summary(keys, page_size, m);
   summarise_pages(keys, summary, page_size, 0, m, seq_lens);
@@ -51,6 +52,7 @@ void prepare_memory_inplace_cuda(at::Tensor& summary, const at::Tensor& keys, in
   const std::string mode_s(mode);
   check_prepare_memory_inplace(summary, keys, page_size, first_page, mode_s, seq_lens);
   const c10::cuda::CUDAGuard guard(keys.device());
+  if (value_checks_now()) check_seq_lens_values("prepare_memory_", seq_lens, keys.size(2));
   summarise_pages(keys, summary, page_size, first_page,
                   parse_summary_mode("prepare_memory_", mode_s), seq_lens);
 }

@@ -20,6 +20,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), G = Hq / Hkv;
+  if (value_checks_now()) {
+    check_seq_lens_values("sparse_apply", seq_lens, S);
+    if (indices.has_value())
+      check_indices_values("sparse_apply", *indices, ceil_div(S, page_size));
+  }
   at::Tensor out = at::empty({B, Hq, D}, query.options());
   at::Tensor lse = at::empty({B, Hq}, query.options().dtype(at::kFloat));
   if (B * Hq == 0) return {out, lse};

@@ -19,6 +19,7 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
               summary.size(2));
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t B = summary.size(0), Hkv = summary.size(1), N = summary.size(2);
+  if (value_checks_now()) check_num_pages_values("topk_relevancy", num_pages, N);
   TORCH_CHECK(B * Hkv <= 65535, "memops.topk_relevancy: the CUDA kernel supports B * Hkv <= "
               "65535 rows, got ", B * Hkv);
   at::Tensor top_scores = at::empty({B, Hkv, k}, query.options().dtype(at::kFloat));

@@ -1,0 +1,38 @@
+// The checked mode of the device backends (torch_memops.set_value_checks): whether they copy
+// seq_lens, num_pages and indices to the host and raise the CPU's error for out-of-range
+// values. Off by default (the copy is a host sync); MEMOPS_VALUE_CHECKS=1 turns it on at load.
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "validate.h"
+
+namespace memops {
+namespace {
+
+bool env_value_checks() {
+  const char* value = std::getenv("MEMOPS_VALUE_CHECKS");
+  return value != nullptr && *value != '\0' && std::strcmp(value, "0") != 0;
+}
+
+std::atomic<bool>& value_checks_flag() {
+  static std::atomic<bool> flag{env_value_checks()};
+  return flag;
+}
+
+}  // namespace
+
+bool value_checks_enabled() { return value_checks_flag().load(std::memory_order_relaxed); }
+
+void set_value_checks(bool enabled) {
+  value_checks_flag().store(enabled, std::memory_order_relaxed);
+}
+
+TORCH_LIBRARY(memops_settings, m) {
+  m.def("set_value_checks(bool enabled) -> ()", &set_value_checks);
+  m.def("value_checks() -> bool", &value_checks_enabled);
+}
+
+}  // namespace memops
