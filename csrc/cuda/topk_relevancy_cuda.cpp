@@ -8,10 +8,11 @@ namespace memops {
 std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
     const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
     const std::optional<at::Tensor>& num_pages, int64_t sink_pages, int64_t recent_pages,
-    c10::string_view group_reduce, const std::optional<at::Tensor>& weights) {
+    c10::string_view group_reduce, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& summary_scales) {
   const std::string mode_s(mode), reduce_s(group_reduce);
   check_topk_relevancy(query, summary, k, mode_s, num_pages, sink_pages, recent_pages, reduce_s,
-                       weights);
+                       weights, summary_scales);
   TORCH_CHECK(summary.size(4) <= kGpuMaxDim, "memops.topk_relevancy: the CUDA "
               "kernel supports head dims D <= ", kGpuMaxDim, ", got ",
               summary.size(4), "; run this step on the CPU");

@@ -144,11 +144,12 @@ void prepare_memory_inplace_fpga(at::Tensor& summary, const at::Tensor& keys, in
 std::tuple<at::Tensor, at::Tensor> topk_relevancy_fpga(
     const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
     const std::optional<at::Tensor>& num_pages, int64_t sink_pages, int64_t recent_pages,
-    c10::string_view group_reduce, const std::optional<at::Tensor>& weights) {
+    c10::string_view group_reduce, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& summary_scales) {
   const char* op = "topk_relevancy";
   const std::string mode_s(mode), reduce_s(group_reduce);
   check_topk_relevancy(query, summary, k, mode_s, num_pages, sink_pages, recent_pages, reduce_s,
-                       weights);
+                       weights, summary_scales);
   check_word_layout(op, "query", query);
   check_word_layout(op, "summary", summary);
   check_num_pages_values(op, num_pages, summary.size(2));
