@@ -21,7 +21,17 @@ TORCH_LIBRARY(memops, m) {
   m.def(
       "topk_relevancy(Tensor query, Tensor summary, int k, *, str mode=\"bound\", "
       "Tensor? num_pages=None, int sink_pages=0, int recent_pages=0, "
-      "str group_reduce=\"max\", Tensor? weights=None) -> (Tensor, Tensor)");
+      "str group_reduce=\"max\", Tensor? weights=None, Tensor? summary_scales=None) "
+      "-> (Tensor, Tensor)");
+  // Bound-preserving int8 minmax summaries: codes int8 [B, Hkv, N, 2, D] and power-of-two
+  // scales float32 [B, Hkv, N] (csrc/include/memops/quantize.h defines them). topk_relevancy
+  // takes them as `summary` + `summary_scales`.
+  m.def(
+      "prepare_memory_int8(Tensor keys, int page_size, *, Tensor? seq_lens=None) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "prepare_memory_int8_(Tensor(a!) summary, Tensor(b!) scales, Tensor keys, int page_size, "
+      "int first_page, *, Tensor? seq_lens=None) -> ()");
   m.def(
       "gather_retrieve(Tensor memory, Tensor indices, int page_size, *, "
       "Tensor? seq_lens=None) -> (Tensor, Tensor)");

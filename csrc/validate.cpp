@@ -119,22 +119,97 @@ void check_prepare_memory_inplace(const at::Tensor& summary, const at::Tensor& k
                     first_page);
 }
 
+void check_prepare_memory_int8(const at::Tensor& keys, int64_t page_size,
+                               const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "prepare_memory_int8";
+  check_dim(op, "keys", keys, 4, "[B, Hkv, S, D]");
+  check_float(op, "keys", keys);
+  check_last_dim_contiguous(op, "keys", keys);
+  check_page_size(op, page_size);
+  check_seq_lens(op, seq_lens, keys, "keys");
+}
+
+void check_prepare_memory_int8_inplace(const at::Tensor& summary, const at::Tensor& scales,
+                                       const at::Tensor& keys, int64_t page_size,
+                                       int64_t first_page,
+                                       const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "prepare_memory_int8_";
+  check_dim(op, "keys", keys, 4, "[B, Hkv, S, D]");
+  check_float(op, "keys", keys);
+  check_last_dim_contiguous(op, "keys", keys);
+  check_page_size(op, page_size);
+  check_seq_lens(op, seq_lens, keys, "keys");
+  check_dim(op, "summary", summary, 5, "[B, Hkv, N, 2, D]");
+  check_same_device(op, "summary", summary, "keys", keys);
+  TORCH_CHECK(summary.scalar_type() == at::kChar, "memops.", op,
+              ": `summary` must be int8, got ", summary.scalar_type());
+  check_last_dim_contiguous(op, "summary", summary);
+  check_dim(op, "scales", scales, 3, "[B, Hkv, N]");
+  check_same_device(op, "scales", scales, "keys", keys);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "memops.", op,
+              ": `scales` must be float32, got ", scales.scalar_type());
+  for (const auto* t : {&summary, &scales}) {
+    const char* name = t == &summary ? "summary" : "scales";
+    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "memops.", op, ": `", name,
+                "` has elements that share memory (strides ", t->strides(),
+                "); pass a tensor whose elements are distinct, e.g. ", name, ".contiguous()");
+  }
+  const int64_t n_pages = ceil_div(keys.size(2), page_size);
+  TORCH_CHECK(summary.size(0) == keys.size(0) && summary.size(1) == keys.size(1) &&
+                  summary.size(2) >= n_pages && summary.size(3) == 2 &&
+                  summary.size(4) == keys.size(3),
+              "memops.", op, ": `summary` must have shape [B, Hkv, >= ceil(S/P), 2, D] = [",
+              keys.size(0), ", ", keys.size(1), ", >= ", n_pages, ", 2, ", keys.size(3),
+              "], got ", summary.sizes());
+  TORCH_CHECK(scales.size(0) == summary.size(0) && scales.size(1) == summary.size(1) &&
+                  scales.size(2) == summary.size(2),
+              "memops.", op, ": `scales` must have shape [B, Hkv, N] = [", summary.size(0), ", ",
+              summary.size(1), ", ", summary.size(2), "] (N of `summary`), got ", scales.sizes());
+  TORCH_CHECK_VALUE(first_page >= 0, "memops.", op, ": `first_page` must be >= 0, got ",
+                    first_page);
+}
+
 void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, int64_t k,
                           const std::string& mode, const std::optional<at::Tensor>& num_pages,
                           int64_t sink_pages, int64_t recent_pages,
                           const std::string& group_reduce,
-                          const std::optional<at::Tensor>& weights) {
+                          const std::optional<at::Tensor>& weights,
+                          const std::optional<at::Tensor>& summary_scales) {
   const char* op = "topk_relevancy";
   check_dim(op, "query", query, 3, "[B, Hq, D]");
   check_dim(op, "summary", summary, 5, "[B, Hkv, N, R, D]");
   check_float(op, "query", query);
-  check_float(op, "summary", summary);
   check_same_device(op, "summary", summary, "query", query);
   check_last_dim_contiguous(op, "query", query);
   check_last_dim_contiguous(op, "summary", summary);
-  TORCH_CHECK(query.scalar_type() == summary.scalar_type(), "memops.", op,
-              ": `query` and `summary` must have the same dtype, got ", query.scalar_type(),
-              " and ", summary.scalar_type());
+  if (summary.scalar_type() == at::kChar) {
+    // An int8 summary (prepare_memory_int8): bound mode only, with its per-page scales.
+    TORCH_CHECK_VALUE(mode == "bound", "memops.", op,
+                      ": an int8 `summary` is scored in mode \"bound\" only, got mode \"", mode,
+                      "\"");
+    TORCH_CHECK_VALUE(summary_scales.has_value(), "memops.", op,
+                      ": an int8 `summary` needs `summary_scales` (float32 [B, Hkv, N]), as "
+                      "prepare_memory_int8 returns them");
+    const at::Tensor& sc = *summary_scales;
+    TORCH_CHECK(sc.scalar_type() == at::kFloat, "memops.", op,
+                ": `summary_scales` must be float32, got ", sc.scalar_type());
+    check_same_device(op, "summary_scales", sc, "query", query);
+    TORCH_CHECK(sc.dim() == 3 && sc.size(0) == summary.size(0) &&
+                    sc.size(1) == summary.size(1) && sc.size(2) == summary.size(2),
+                "memops.", op, ": `summary_scales` must have shape [B, Hkv, N] = [",
+                summary.size(0), ", ", summary.size(1), ", ", summary.size(2), "], got ",
+                sc.sizes());
+  } else {
+    TORCH_CHECK(is_float_dtype(summary.scalar_type()), "memops.", op,
+                ": `summary` must be float32, float16, bfloat16 or int8 (with "
+                "`summary_scales`), got ", summary.scalar_type());
+    TORCH_CHECK(query.scalar_type() == summary.scalar_type(), "memops.", op,
+                ": `query` and `summary` must have the same dtype, got ", query.scalar_type(),
+                " and ", summary.scalar_type());
+    TORCH_CHECK_VALUE(!summary_scales.has_value(), "memops.", op,
+                      ": `summary_scales` is only used with an int8 `summary`, got a ",
+                      summary.scalar_type(), " summary");
+  }
   TORCH_CHECK(query.size(0) == summary.size(0), "memops.", op,
               ": `query` and `summary` must have the same batch size B, got ", query.size(0),
               " and ", summary.size(0));
@@ -265,6 +340,13 @@ at::Tensor new_summary(const at::Tensor& keys, int64_t page_size, SummaryMode mo
   return at::empty({keys.size(0), keys.size(1), ceil_div(keys.size(2), page_size),
                     mode == SummaryMode::kMinMax ? 2 : 1, keys.size(3)},
                    keys.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> new_int8_summary(const at::Tensor& keys, int64_t page_size) {
+  const int64_t n = ceil_div(keys.size(2), page_size);
+  return {at::empty({keys.size(0), keys.size(1), n, 2, keys.size(3)},
+                    keys.options().dtype(at::kChar)),
+          at::empty({keys.size(0), keys.size(1), n}, keys.options().dtype(at::kFloat))};
 }
 
 void check_seq_lens_values(const char* op, const std::optional<at::Tensor>& seq_lens,

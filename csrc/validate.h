@@ -25,7 +25,16 @@ void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, in
                           const std::string& mode, const std::optional<at::Tensor>& num_pages,
                           int64_t sink_pages, int64_t recent_pages,
                           const std::string& group_reduce,
-                          const std::optional<at::Tensor>& weights);
+                          const std::optional<at::Tensor>& weights,
+                          const std::optional<at::Tensor>& summary_scales = std::nullopt);
+void check_prepare_memory_int8(const at::Tensor& keys, int64_t page_size,
+                               const std::optional<at::Tensor>& seq_lens);
+// The int8 summaries (quantize.h): `summary` int8 [B, Hkv, >= ceil(S/P), 2, D], `scales`
+// float32 [B, Hkv, N] with N of `summary`.
+void check_prepare_memory_int8_inplace(const at::Tensor& summary, const at::Tensor& scales,
+                                       const at::Tensor& keys, int64_t page_size,
+                                       int64_t first_page,
+                                       const std::optional<at::Tensor>& seq_lens);
 void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, int64_t page_size,
                            const std::optional<at::Tensor>& seq_lens);
 void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
@@ -36,6 +45,8 @@ void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
 
 // The output of prepare_memory, [B, Hkv, ceil(S / P), R, D] like `keys`, uninitialised.
 at::Tensor new_summary(const at::Tensor& keys, int64_t page_size, SummaryMode mode);
+// The outputs of prepare_memory_int8: codes int8 [B, Hkv, N, 2, D], scales float32 [B, Hkv, N].
+std::tuple<at::Tensor, at::Tensor> new_int8_summary(const at::Tensor& keys, int64_t page_size);
 
 // Value checks for backends whose data the host can read without a device sync (CPU, FPGA
 // emulation reads its host copy). `seq_lens` in [0, S]; `num_pages` in [0, N]; `indices` in

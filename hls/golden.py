@@ -86,6 +86,72 @@ def prepare_memory_cases(root: Path, gen: torch.Generator) -> list[str]:
     return names
 
 
+def prepare_memory_int8_cases(root: Path, gen: torch.Generator) -> list[str]:
+    """mode 2 (minmax_int8): codes and scales of reference.prepare_memory_int8_, from keys of
+    wildly different magnitude per token, with a NaN, an infinite and an all-zero page."""
+    # (dtype, B, H, S, S_buffer, D, P, seq_lens, first_page)
+    cases = [
+        (torch.bfloat16, 2, 2, 70, 80, 128, 16, [70, 0], 0),
+        (torch.float32, 1, 3, 37, 48, 64, 8, None, 0),
+        (torch.float16, 2, 1, 90, 96, 256, 16, [90, 41], 2),
+    ]
+    names = []
+    for i, (dtype, B, H, S, S_buf, D, P, lens, first) in enumerate(cases):
+        magnitude = 2.0 ** torch.randint(-12, 13, (B, H, S_buf, 1), generator=gen).float()
+        buffer = (torch.randn(B, H, S_buf, D, generator=gen) * magnitude).to(dtype)
+        buffer[0, 0, :P] = 0.0  # page 0: all zero
+        buffer[0, -1, P + 3, 5] = math.nan  # page 1 of the last head: NaN
+        buffer[-1, 0, 2 * P + 1, 7] = -math.inf  # page 2: an infinity
+        keys = buffer[:, :, :S]
+        seq_lens = torch.tensor(lens if lens is not None else [S] * B, dtype=torch.int32)
+        N = -(-S // P)
+        codes = torch.full((B, H, N, 2, D), -99, dtype=torch.int8)
+        scales = torch.full((B, H, N), POISON)
+        expected, expected_scales = codes.clone(), scales.clone()
+        reference.prepare_memory_int8_(expected, expected_scales, keys, P, first,
+                                       seq_lens=seq_lens)
+        params = dict(batch=B, heads=H, tokens=S, buffer_tokens=S_buf, dim=D, page_size=P,
+                      first_page=first, pages=N, reps=2, mode=2, dtype=DTYPE_CODES[dtype])
+        names.append(_write_case(root, f"int8_case{i}_{str(dtype)[6:]}", params,
+                                 dict(keys=buffer, seq_lens=seq_lens, summary=codes,
+                                      expected=expected, expected_scales=expected_scales)))
+    return names
+
+
+def topk_relevancy_int8_cases(root: Path, gen: torch.Generator) -> list[str]:
+    """Bound mode on int8 summaries. Summaries of small integers with a -4 in every page quantise
+    exactly (scale 2^-4, codes 16 x): every score is an exact integer, in any summation order.
+    Plus a NaN page (scale NaN: ranks last) and an infinite page (scale +inf: ranks first)."""
+    # (query dtype, B, Hq, Hkv, N, D, k, sink, recent, group_reduce, num_pages)
+    cases = [
+        (torch.bfloat16, 2, 16, 4, 300, 128, 20, 1, 2, "max", [300, 41]),
+        (torch.float32, 1, 4, 2, 60, 64, 9, 0, 0, "sum", None),
+        (torch.float16, 2, 14, 2, 37, 256, 40, 2, 1, "max", [37, 0]),
+    ]
+    names = []
+    for i, (dtype, B, Hq, Hkv, N, D, k, sink, recent, reduce, pages) in enumerate(cases):
+        query = _small_ints(gen, (B, Hq, D), dtype)
+        summary = _small_ints(gen, (B, Hkv, N, 2, D), torch.float32)
+        summary = torch.stack([summary.amin(3), summary.amax(3)], dim=3)
+        summary[..., 0, 0] = -4.0
+        summary[0, 0, 3, :, 1] = math.nan
+        summary[-1, -1, 5, 1, 2] = math.inf
+        codes, scales = reference.quantize_minmax(summary)
+        num_pages = torch.tensor(pages if pages is not None else [N] * B, dtype=torch.int32)
+        scores, indices = reference.topk_relevancy(
+            query, codes, k, num_pages=num_pages, sink_pages=sink, recent_pages=recent,
+            group_reduce=reduce, summary_scales=scales)
+        params = dict(batch=B, q_heads=Hq, kv_heads=Hkv, pages=N, reps=2, dim=D, k=k,
+                      sink_pages=sink, recent_pages=recent, mode=MODES["bound"],
+                      group_reduce=0 if reduce == "max" else 1, dtype=DTYPE_CODES[dtype],
+                      summary_dtype=3)
+        arrays = dict(query=query, summary=codes, scales=scales, num_pages=num_pages,
+                      weights=torch.zeros(B, Hq), expected_scores=scores,
+                      expected_indices=indices)
+        names.append(_write_case(root, f"int8_case{i}_{str(dtype)[6:]}", params, arrays))
+    return names
+
+
 def topk_relevancy_cases(root: Path, gen: torch.Generator) -> list[str]:
     # (dtype, mode, B, Hq, Hkv, N, R, D, k, sink, recent, group_reduce, num_pages, nan_page)
     cases = [
@@ -158,10 +224,10 @@ def gather_retrieve_cases(root: Path, gen: torch.Generator) -> list[str]:
 def main(out_dir: str) -> None:
     root = Path(out_dir)
     gen = torch.Generator().manual_seed(0x4D454D)
-    for kernel, build in (("prepare_memory", prepare_memory_cases),
-                          ("topk_relevancy", topk_relevancy_cases),
-                          ("gather_retrieve", gather_retrieve_cases)):
-        names = build(root / kernel, gen)
+    for kernel, builds in (("prepare_memory", (prepare_memory_cases, prepare_memory_int8_cases)),
+                           ("topk_relevancy", (topk_relevancy_cases, topk_relevancy_int8_cases)),
+                           ("gather_retrieve", (gather_retrieve_cases,))):
+        names = [name for build in builds for name in build(root / kernel, gen)]
         (root / kernel / "cases.txt").write_text("".join(n + "\n" for n in names))
 
 

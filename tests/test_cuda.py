@@ -783,3 +783,161 @@ def test_cache_over_2_pow_31_elements():
     last = k_cache[b:, :, (N - 2) * P :].cpu()
     assert torch.equal(summary[b:, :, N - 2, 0].cpu(), last[:, :, :P].amin(2))
     assert torch.equal(summary[b:, :, N - 1, 1].cpu(), last[:, :, P:].amax(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# int8 summaries (prepare_memory mode="minmax_int8", topk_relevancy on codes + scales)
+# ------------------------------------------------------------------------------------------------
+
+
+def _int8_reference(keys, P, lens=None):
+    return reference.prepare_memory_int8(keys.cpu(), P, seq_lens=None if lens is None else lens.cpu())
+
+
+def _assert_int8_equal(got, want):
+    assert torch.equal(got.codes.cpu(), want[0])
+    s, w = got.scales.cpu(), want[1]
+    assert bool(((s == w) | (torch.isnan(s) & torch.isnan(w))).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,P,D", [(100, 16, 64), (7, 16, 40), (64, 8, 36), (33, 1, 128),
+                                   (300, 16, 256), (50, 4, 9)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_int8_prepare_memory_bit_exact(dtype, S, P, D, ragged):
+    B, H = 3, 2
+    scale = 10.0 ** torch.empty(B, H, S, 1, device=DEV).uniform_(-30, 30)
+    keys = strided_view((torch.randn(B, H, S, D, device=DEV) * scale).to(dtype))
+    keys[0, 0, 0, 0] = float("nan")
+    keys[1, 1, -1, 1] = float("inf")
+    lens = ragged_lens(B, S) if ragged else None
+    got = ops.prepare_memory(keys, P, mode="minmax_int8", seq_lens=lens)
+    _assert_int8_equal(got, _int8_reference(keys, P, lens))
+
+
+def test_int8_prepare_memory_inplace_touches_only_its_pages():
+    B, H, S, D, P, first = 2, 3, 90, 128, 16, 3
+    keys = strided_view(torch.randn(B, H, S, D, device=DEV).to(torch.bfloat16))
+    codes = torch.randint(-128, 128, (B, H, 9, 2, D), dtype=torch.int8, device=DEV)
+    scales = torch.randn(B, H, 9, device=DEV)
+    before = codes.clone(), scales.clone()
+    ops.prepare_memory_(ops.QuantizedSummary(codes, scales), keys, P, first, mode="minmax_int8")
+    want = _int8_reference(keys, P)
+    assert torch.equal(codes[:, :, first:6].cpu(), want[0][:, :, first:])
+    assert torch.equal(scales[:, :, first:6].cpu(), want[1][:, :, first:])
+    assert torch.equal(codes[:, :, :first], before[0][:, :, :first])
+    assert torch.equal(codes[:, :, 6:], before[0][:, :, 6:])
+    assert torch.equal(scales[:, :, 6:], before[1][:, :, 6:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq_hkv", [(4, 4), (8, 2), (28, 4), (32, 8)])
+@pytest.mark.parametrize("D", [64, 128, 40])
+@pytest.mark.parametrize("group_reduce", ["max", "sum"])
+def test_int8_topk_exact_on_integer_data(dtype, hq_hkv, D, group_reduce):
+    # Keys in [-4, 4] with a +-4 per page quantise without rounding (scale 2^-4, codes 16 x), so
+    # every score is an exact integer sum: the selection must equal the reference's.
+    Hq, Hkv = hq_hkv
+    B, P, N, k = 3, 4, 300, 37
+    keys = integer_tensor(B, Hkv, N * P, D, dtype=dtype)
+    keys[:, :, ::P, 0] = 4
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    query = integer_tensor(B, Hq, D, dtype=dtype)
+    num_pages = torch.tensor([N, 0, 13], dtype=torch.int32, device=DEV)
+    args = dict(num_pages=num_pages, sink_pages=2, recent_pages=3, group_reduce=group_reduce)
+    got_s, got_i = ops.topk_relevancy(query, q8, k, **args)
+    want_s, want_i = reference.topk_relevancy(query.cpu(), q8.codes.cpu(), k,
+                                              summary_scales=q8.scales.cpu(),
+                                              **{**args, "num_pages": num_pages.cpu()})
+    assert torch.equal(got_i.cpu(), want_i)
+    assert torch.equal(got_s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,sink,recent", [(300, 37, 1, 4), (10, 16, 0, 0), (2000, 512, 4, 8),
+                                             (9000, 300, 1, 2)])
+@pytest.mark.parametrize("D", [128, 256, 100])
+def test_int8_topk_random(dtype, N, k, sink, recent, D):
+    B, Hq, Hkv, P = 2, 12, 4, 4
+    keys = torch.randn(B, Hkv, N * P, D, device=DEV).to(dtype)
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    query = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    nvalid = [N, max(N // 3, 1)]
+    num_pages = torch.tensor(nvalid, dtype=torch.int32, device=DEV)
+    got_s, got_i = ops.topk_relevancy(query, q8, k, num_pages=num_pages, sink_pages=sink,
+                                      recent_pages=recent)
+    ref = reference.relevancy_scores(query.double(), q8.codes.double(),
+                                     summary_scales=q8.scales.double())
+    assert_valid_selection(ref.cpu(), got_s.cpu(), got_i.cpu(), k, nvalid, sink, recent)
+
+
+def test_int8_topk_strided_codes_and_special_pages():
+    # Strided codes and scales (the one-code-a-lane kernel), a NaN page (ranks last) and an
+    # infinite page (+inf, ranks first).
+    B, Hq, Hkv, N, P, D = 2, 8, 2, 200, 8, 64
+    keys = torch.randn(B, Hkv, N * P, D, device=DEV)
+    keys[0, 0, 5 * P + 1, 3] = float("nan")
+    keys[1, 1, 7 * P, 2] = float("-inf")
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    big_codes = torch.zeros(B, Hkv, N + 3, 2, D + 16, dtype=torch.int8, device=DEV)
+    big_scales = torch.zeros(B, Hkv, 2 * (N + 3), device=DEV)
+    codes = big_codes[:, :, 2 : N + 2, :, 3 : D + 3]
+    scales = big_scales[:, :, 4 : 2 * N + 4 : 2]
+    codes.copy_(q8.codes)
+    scales.copy_(q8.scales)
+    query = torch.randn(B, Hq, D, device=DEV)
+    got_s, got_i = ops.topk_relevancy(query, ops.QuantizedSummary(codes, scales), 30)
+    want_s, want_i = ops.topk_relevancy(query.cpu(), ops.QuantizedSummary(*cpu_pair(q8)), 30)
+    assert 5 not in got_i[0, 0].tolist() and 7 in got_i[1, 1].tolist()
+    ref = reference.relevancy_scores(query.double(), q8.codes.double(),
+                                     summary_scales=q8.scales.double())
+    assert_valid_selection(ref.nan_to_num(nan=-math.inf).cpu(), got_s.cpu(), got_i.cpu(), 30,
+                           [N, N], 0, 0)
+
+
+def cpu_pair(q8):
+    return q8.codes.cpu(), q8.scales.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_bound_is_never_below_the_exact_bound(dtype):
+    # The CUDA int8 scores against the exact (bf16/fp32 summary) bound in float64: never below
+    # it beyond the float32 rounding of the score's own sum, and above every key's q.k.
+    B, Hq, Hkv, N, P, D = 2, 32, 8, 1024, 16, 128
+    keys = (torch.randn(B, Hkv, N * P, D, device=DEV) *
+            10.0 ** torch.empty(B, Hkv, N * P, 1, device=DEV).uniform_(-2, 2)).to(dtype)
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    exact = ops.prepare_memory(keys, P)
+    query = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    got, idx = ops.topk_relevancy(query, q8, N)
+    assert torch.equal(idx.cpu(), torch.arange(N, dtype=torch.int32).expand(B, Hkv, N))
+    want = reference.relevancy_scores(query.double().cpu(), exact.double().cpu())
+    magnitude = reference.relevancy_scores(query.double().abs().cpu(),
+                                           q8.codes.double().abs().cpu(), group_reduce="sum")
+    tol = (D + 4) * 2.0**-23 * magnitude * q8.scales.double().cpu()
+    assert bool((got.double().cpu() >= want - tol).all())
+
+
+def test_int8_decode_step_in_a_cuda_graph():
+    B, Hq, Hkv, S, D, P, k = 2, 16, 4, 2048, 128, 16, 32
+    keys = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    query = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16)
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+
+    def step():
+        ops.prepare_memory_(q8, keys, P, S // P - 1, mode="minmax_int8")
+        return ops.topk_relevancy(query, q8, k, sink_pages=1, recent_pages=1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_s, graph_i = step()
+    keys.copy_(torch.randn_like(keys))
+    query.copy_(torch.randn_like(query))
+    graph.replay()
+    want_s, want_i = step()
+    assert torch.equal(graph_i, want_i) and torch.equal(graph_s, want_s)

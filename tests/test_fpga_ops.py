@@ -261,3 +261,80 @@ def test_fpga_results_are_usable_by_ordinary_torch_code():
     keys = torch.randn(1, 2, 64, 32)
     summary = torch_memops.prepare_memory(keys.to("fpga"), 16)
     assert torch.equal((summary * 2).cpu(), ops.prepare_memory(keys, 16) * 2)
+
+
+# --- int8 summaries (prepare_memory mode="minmax_int8", topk_relevancy on codes + scales) --------
+# The HLS kernels quantise with quantize.h and score the codes with relevancy.h in the CPU's
+# order, so codes, scales, scores and selections equal the CPU backend's bit for bit. Codes are
+# moved in words of 64: D % 64 == 0.
+
+
+def int8_keys(B, H, S, D, dtype, extra=7):
+    magnitude = 2.0 ** torch.randint(-10, 11, (B, H, S + extra, 1)).float()
+    buffer = (torch.randn(B, H, S + extra, D) * magnitude).to(dtype)
+    return buffer[:, :, :S], buffer.to("fpga")[:, :, :S]
+
+
+def assert_same_int8(got, want):
+    assert got.codes.device.type == "fpga" and got.codes.dtype == torch.int8
+    assert torch.equal(got.codes.cpu(), want.codes)
+    assert torch.equal(got.scales.cpu().view(torch.int32), want.scales.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PREPARE_SHAPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_prepare_memory_int8_matches_cpu(dtype, shape, D):
+    B, H, S, P, lens = shape
+    keys, keys_f = int8_keys(B, H, S, D, dtype)
+    if S > P:
+        keys[0, 0, 1, 3] = math.nan
+        keys[-1, -1, P, 2] = -math.inf
+        keys_f[0, 0, 1, 3] = math.nan
+        keys_f[-1, -1, P, 2] = -math.inf
+    seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    want = ops.prepare_memory(keys, P, mode="minmax_int8", seq_lens=seq_lens)
+    got = ops.prepare_memory(keys_f, P, mode="minmax_int8", seq_lens=fpga(seq_lens))
+    assert_same_int8(got, want)
+
+
+def test_prepare_memory_int8_inplace_matches_cpu():
+    B, H, S, P, first_page, D = 2, 2, 50, 8, 3, 128
+    keys, keys_f = int8_keys(B, H, S, D, torch.bfloat16)
+    seq_lens = torch.tensor([50, 29], dtype=torch.int32)
+    codes = torch.full((B, H, 10, 2, D), -77, dtype=torch.int8)
+    scales = torch.full((B, H, 10), -777.0)
+    want = ops.QuantizedSummary(codes.clone(), scales.clone())
+    ops.prepare_memory_(want, keys, P, first_page, mode="minmax_int8", seq_lens=seq_lens)
+    got = ops.QuantizedSummary(codes.to("fpga"), scales.to("fpga"))
+    ops.prepare_memory_(got, keys_f, P, first_page, mode="minmax_int8", seq_lens=fpga(seq_lens))
+    assert_same_int8(got, want)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in TOPK_CASES if c[0] == "bound"] +
+                         [("bound", 3, 16, 4, 23, 5, 2, 0, "max", [23, 0, 11]),
+                          ("bound", 1, 28, 4, 300, 41, 1, 4, "sum", None)],
+                         ids=lambda c: f"G{c[2] // c[3]}-k{c[5]}")
+@pytest.mark.parametrize("D", [64, 256])
+def test_topk_relevancy_int8_matches_cpu(dtype, case, D):
+    _, B, Hq, Hkv, N, k, sink, recent, reduce, pages = case
+    keys = torch.randn(B, Hkv, N * 4, D) * 2.0 ** torch.randint(-6, 7, (B, Hkv, N * 4, 1))
+    keys[0, 0, 5, 1] = math.nan  # page 1: NaN, ranks last
+    q8 = ops.prepare_memory(keys.to(dtype), 4, mode="minmax_int8")
+    query = torch.randn(B, Hq, D).to(dtype)
+    num_pages = None if pages is None else torch.tensor(pages, dtype=torch.int32)
+    kwargs = dict(sink_pages=sink, recent_pages=recent, group_reduce=reduce)
+    scores, indices = ops.topk_relevancy(query, q8, k, num_pages=num_pages, **kwargs)
+    q8_f = ops.QuantizedSummary(q8.codes.to("fpga"), q8.scales.to("fpga"))
+    f_scores, f_indices = ops.topk_relevancy(fpga(query), q8_f, k, num_pages=fpga(num_pages),
+                                             **kwargs)
+    assert f_indices.device.type == "fpga"
+    assert torch.equal(f_indices.cpu(), indices)
+    assert torch.equal(f_scores.cpu().view(torch.int32), scores.view(torch.int32))
+
+
+def test_int8_on_fpga_needs_whole_words_of_codes():
+    keys = torch.randn(1, 2, 32, 32).to("fpga")  # float32 D 32: whole key words, half a code word
+    with pytest.raises(ValueError, match="last dim of `summary` must span a multiple of 64 bytes"):
+        ops.prepare_memory(keys, 8, mode="minmax_int8")

@@ -24,6 +24,7 @@ def samples(dtype):
     query = randn(B, HKV * G, D, dtype=dtype)
     seq_lens = ragged_seq_lens(B, S)
     summary = ops.prepare_memory(keys, P)
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
     indices = ascending_indices(B, HKV, 3, N)
     out, lse = ops.sparse_apply(query, keys, values, indices, P)
     m = torch.ops.memops
@@ -39,6 +40,12 @@ def samples(dtype):
           "recent_pages": 1, "group_reduce": "sum"}),
         (m.topk_relevancy, (query, ops.prepare_memory(keys[:, :1], P, mode="mean"), 2),
          {"mode": "indexer", "weights": torch.rand(B, HKV * G)}),
+        (m.prepare_memory_int8, (keys, P), {"seq_lens": seq_lens}),
+        (m.prepare_memory_int8_, (torch.zeros(B, HKV, N + 1, 2, D, dtype=torch.int8),
+                                  torch.zeros(B, HKV, N + 1), keys, P, 1), {}),
+        (m.topk_relevancy, (query, q8.codes, 3),
+         {"summary_scales": q8.scales, "num_pages": torch.tensor([N, 2], dtype=torch.int32),
+          "recent_pages": 1, "group_reduce": "sum"}),
         (m.gather_retrieve, (keys, indices, P), {}),
         (m.gather_retrieve, (values, indices, P), {"seq_lens": seq_lens}),
         (m.sparse_apply, (query, keys, values, indices, P), {}),
@@ -64,7 +71,10 @@ def test_opcheck_every_op(device, dtype):
         kwargs = {name: move(device, v) for name, v in kwargs.items()}
         torch.library.opcheck(op, args, kwargs)  # all default test_utils
         checked.add(op._qualified_op_name)
-    assert checked == {f"memops::{name}" for name in ops.__all__}, checked
+    # Every schema: the wrappers' ops, plus the int8 summary ops behind mode="minmax_int8".
+    schemas = {f"memops::{name}" for name in ops.__all__ if name != "QuantizedSummary"}
+    schemas |= {"memops::prepare_memory_int8", "memops::prepare_memory_int8_"}
+    assert checked == schemas, checked
 
 
 @pytest.mark.parametrize("call,argument", [

@@ -2,6 +2,7 @@
 // toolkit's own 16-bit types and no torch headers. tools/hip_compile_check.sh compiles it with
 // hipcc for AMD GPUs; nvcc compiles it too. It proves that the kernel sources are portable.
 #include "memops/gather_retrieve.cuh"
+#include "memops/int8_summary.cuh"
 #include "memops/merge_attention.cuh"
 #include "memops/prepare_memory.cuh"
 #include "memops/sparse_apply.cuh"
@@ -25,6 +26,18 @@ int instantiate_per_type() {
   failed += launch_sparse_apply<T, VEC, 1>(SparseApplyParams{}, stream) != gpu::kSuccess;
   failed += launch_sparse_apply<T, VEC, 4>(SparseApplyParams{}, stream) != gpu::kSuccess;
   failed += launch_sparse_apply<T, VEC, 8>(SparseApplyParams{}, stream) != gpu::kSuccess;
+  if (VEC == 1) {  // the int8 summaries: keys / query of type T, every code width
+    failed += launch_prepare_memory_int8<T>(PrepareMemoryInt8Params{}, 1, stream) != gpu::kSuccess;
+    for (const bool vectorized : {false, true})
+      for (const int64_t dim : {64, 256}) {
+        RelevancyInt8Params p{};
+        p.batch = 1;
+        p.kv_heads = 1;
+        p.pages = 1;
+        p.dim = dim;
+        failed += launch_relevancy_scores_int8<T>(p, vectorized, 1, stream) != gpu::kSuccess;
+      }
+  }
   return failed;
 }
 

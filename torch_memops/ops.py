@@ -10,12 +10,13 @@ contiguous); nothing is copied.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "QuantizedSummary",
     "prepare_memory",
     "prepare_memory_",
     "topk_relevancy",
@@ -25,9 +26,36 @@ __all__ = [
 ]
 
 
+class QuantizedSummary(NamedTuple):
+    """A bound-preserving int8 minmax summary, as ``prepare_memory(..., mode="minmax_int8")``
+    returns it and :func:`topk_relevancy` (mode ``"bound"``) takes it.
+
+    ``codes: int8 [B, Hkv, N, 2, D]`` (``R = 0`` min codes ``a``, ``R = 1`` max codes ``b``) and
+    ``scales: float32 [B, Hkv, N]``, one power of two per page. As real numbers
+    ``a * scale <= min`` and ``b * scale >= max`` of the page's keys, so the int8 bound is never
+    below the exact one; ``torch_memops.reference.quantize_minmax`` defines the rounding and the
+    special pages (no valid token or all zero: scale 0; a NaN key: scale NaN; an infinite key:
+    codes -127 / 127, scale +inf). Half the bytes of a 16-bit summary (plus 4 bytes a page).
+
+    Examples
+    --------
+    >>> keys = torch.randn(1, 2, 64, 32)
+    >>> q8 = prepare_memory(keys, 16, mode="minmax_int8")
+    >>> exact = prepare_memory(keys, 16)
+    >>> bool((q8.codes[:, :, :, 0] * q8.scales[..., None] <= exact[:, :, :, 0]).all())
+    True
+    """
+
+    codes: Tensor
+    scales: Tensor
+
+
+SummaryLike = Union[Tensor, QuantizedSummary]
+
+
 def prepare_memory(
     keys: Tensor, page_size: int, *, mode: str = "minmax", seq_lens: Optional[Tensor] = None
-) -> Tensor:
+) -> SummaryLike:
     """Summarise the keys of every page (Prepare Memory).
 
     Parameters
@@ -36,41 +64,53 @@ def prepare_memory(
         ``[B, Hkv, S, D]``, float32, float16 or bfloat16; last dim contiguous.
     page_size : int
         Tokens per page ``P`` (> 0).
-    mode : {"minmax", "mean"}
+    mode : {"minmax", "mean", "minmax_int8"}
         ``"minmax"``: ``R = 2`` (element-wise min, then max, over the page's valid tokens;
-        exact). ``"mean"``: ``R = 1``, the mean with float32 accumulation.
+        exact). ``"mean"``: ``R = 1``, the mean with float32 accumulation. ``"minmax_int8"``:
+        the minmax summary rounded outward to int8 codes with a power-of-two scale per page
+        (:class:`QuantizedSummary`; ``torch.ops.memops.prepare_memory_int8``).
     seq_lens : Tensor, optional
         ``int32 [B]``, valid tokens per row (default ``S``); tokens past it are never read.
 
     Returns
     -------
-    Tensor
+    Tensor or QuantizedSummary
         ``summary: [B, Hkv, N, R, D]`` in the dtype of ``keys``; pages with no valid token are 0.
+        For ``"minmax_int8"``: ``QuantizedSummary(codes int8 [B, Hkv, N, 2, D], scales float32
+        [B, Hkv, N])``.
 
     Examples
     --------
     >>> keys = torch.randn(1, 8, 1000, 128)
     >>> prepare_memory(keys, 16).shape
     torch.Size([1, 8, 63, 2, 128])
+    >>> q8 = prepare_memory(keys, 16, mode="minmax_int8")
+    >>> q8.codes.dtype, q8.codes.shape, q8.scales.shape
+    (torch.int8, torch.Size([1, 8, 63, 2, 128]), torch.Size([1, 8, 63]))
     """
+    if mode == "minmax_int8":
+        return QuantizedSummary(*torch.ops.memops.prepare_memory_int8(keys, page_size,
+                                                                      seq_lens=seq_lens))
     return torch.ops.memops.prepare_memory(keys, page_size, mode=mode, seq_lens=seq_lens)
 
 
 def prepare_memory_(
-    summary: Tensor,
+    summary: SummaryLike,
     keys: Tensor,
     page_size: int,
     first_page: int,
     *,
     mode: str = "minmax",
     seq_lens: Optional[Tensor] = None,
-) -> Tensor:
+) -> SummaryLike:
     """Recompute pages ``first_page .. ceil(S/P) - 1`` of ``summary`` in place.
 
     One call per decode step (``first_page`` = the page that received the new token) keeps the
     summary of a growing cache current. ``summary: [B, Hkv, N_max, R, D]`` may be a preallocated
     buffer with ``N_max >= ceil(S / P)``; pages outside the range are not touched. Other
-    arguments as in :func:`prepare_memory`. Returns ``summary``.
+    arguments as in :func:`prepare_memory`. With ``mode="minmax_int8"``, ``summary`` is a
+    :class:`QuantizedSummary` (codes ``[B, Hkv, N_max, 2, D]``, scales ``[B, Hkv, N_max]``) whose
+    two tensors are updated (``torch.ops.memops.prepare_memory_int8_``). Returns ``summary``.
 
     Examples
     --------
@@ -79,7 +119,16 @@ def prepare_memory_(
     >>> _ = prepare_memory_(summary, keys, 16, 0)
     >>> torch.equal(summary[:, :, :3], prepare_memory(keys, 16))
     True
+    >>> q8 = QuantizedSummary(torch.zeros(1, 2, 8, 2, 64, dtype=torch.int8), torch.zeros(1, 2, 8))
+    >>> _ = prepare_memory_(q8, keys, 16, 0, mode="minmax_int8")
+    >>> torch.equal(q8.scales[:, :, :3], prepare_memory(keys, 16, mode="minmax_int8").scales)
+    True
     """
+    if mode == "minmax_int8":
+        codes, scales = summary
+        torch.ops.memops.prepare_memory_int8_(codes, scales, keys, page_size, first_page,
+                                              seq_lens=seq_lens)
+        return summary
     torch.ops.memops.prepare_memory_(
         summary, keys, page_size, first_page, summary_mode=mode, seq_lens=seq_lens
     )
@@ -88,7 +137,7 @@ def prepare_memory_(
 
 def topk_relevancy(
     query: Tensor,
-    summary: Tensor,
+    summary: SummaryLike,
     k: int,
     *,
     mode: str = "bound",
@@ -104,8 +153,11 @@ def topk_relevancy(
     ----------
     query : Tensor
         ``[B, Hq, D]`` (one decode token), dtype of ``summary``.
-    summary : Tensor
-        ``[B, Hkv, N, R, D]`` from :func:`prepare_memory`; ``Hq % Hkv == 0``.
+    summary : Tensor or QuantizedSummary
+        ``[B, Hkv, N, R, D]`` from :func:`prepare_memory`; ``Hq % Hkv == 0``. A
+        :class:`QuantizedSummary` (``mode="minmax_int8"``) is scored in mode ``"bound"`` with
+        any float query dtype: ``scale * reduce_g sum_d max(q_d a_d, q_d b_d)`` per page, never
+        below the bound of the exact summary (see ``docs/design.md``).
     k : int
         Pages to select per kv head (> 0); may exceed ``N`` (the result is then padded).
     mode : {"bound", "dot", "indexer"}
@@ -139,7 +191,13 @@ def topk_relevancy(
     >>> scores, indices = topk_relevancy(torch.randn(1, 8, 64), summary, 4, recent_pages=1)
     >>> indices.shape, int(indices[0, 0, -1])
     (torch.Size([1, 2, 4]), 15)
+    >>> q8 = prepare_memory(keys, 16, mode="minmax_int8")
+    >>> topk_relevancy(torch.randn(1, 8, 64), q8, 4)[1].shape
+    torch.Size([1, 2, 4])
     """
+    summary_scales = None
+    if isinstance(summary, (tuple, list)):
+        summary, summary_scales = summary
     return torch.ops.memops.topk_relevancy(
         query,
         summary,
@@ -150,6 +208,7 @@ def topk_relevancy(
         recent_pages=recent_pages,
         group_reduce=group_reduce,
         weights=weights,
+        summary_scales=summary_scales,
     )
 
 
@@ -316,11 +375,30 @@ def _prepare_memory_inplace_fake(summary, keys, page_size, first_page, *, summar
     return None
 
 
+@torch.library.register_fake("memops::prepare_memory_int8")
+def _prepare_memory_int8_fake(keys, page_size, *, seq_lens=None):
+    _check_same_device("prepare_memory_int8", keys=keys, seq_lens=seq_lens)
+    _check_scalars("prepare_memory_int8", page_size=page_size)
+    B, H, S, D = keys.shape
+    n = (S + page_size - 1) // page_size
+    return (keys.new_empty(B, H, n, 2, D, dtype=torch.int8),
+            keys.new_empty(B, H, n, dtype=torch.float32))
+
+
+@torch.library.register_fake("memops::prepare_memory_int8_")
+def _prepare_memory_int8_inplace_fake(summary, scales, keys, page_size, first_page, *,
+                                      seq_lens=None):
+    _check_same_device("prepare_memory_int8_", keys=keys, summary=summary, scales=scales,
+                       seq_lens=seq_lens)
+    _check_scalars("prepare_memory_int8_", page_size=page_size, first_page=first_page)
+    return None
+
+
 @torch.library.register_fake("memops::topk_relevancy")
 def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sink_pages=0,
-                         recent_pages=0, group_reduce="max", weights=None):
+                         recent_pages=0, group_reduce="max", weights=None, summary_scales=None):
     _check_same_device("topk_relevancy", query=query, summary=summary, num_pages=num_pages,
-                       weights=weights)
+                       weights=weights, summary_scales=summary_scales)
     _check_scalars("topk_relevancy", k=k, sink_pages=sink_pages, recent_pages=recent_pages,
                    mode=(mode, ("bound", "dot", "indexer")),
                    group_reduce=(group_reduce, ("max", "sum")))

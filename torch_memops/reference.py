@@ -21,6 +21,9 @@ __all__ = [
     "valid_lengths",
     "prepare_memory",
     "prepare_memory_",
+    "quantize_minmax",
+    "prepare_memory_int8",
+    "prepare_memory_int8_",
     "relevancy_scores",
     "select_topk",
     "topk_relevancy",
@@ -105,6 +108,70 @@ def prepare_memory_(
     return summary
 
 
+INT8_CODE_MAX = 127
+
+
+def quantize_minmax(summary: Tensor) -> Tuple[Tensor, Tensor]:
+    """The bound-preserving int8 form of a minmax summary ``[..., N, 2, D]`` (float dtype).
+
+    Returns ``codes: int8 [..., N, 2, D]`` and ``scales: float32 [..., N]``. For a page whose
+    largest magnitude ``m = max_d max(|min_d|, |max_d|)`` is finite and non-zero, ``scale = 2^e``
+    with ``e`` the smallest integer ``>= -149`` such that ``127 * 2^e >= m``;
+    ``codes[..., 0, d] = floor(min_d / scale)`` and ``codes[..., 1, d] = ceil(max_d / scale)``,
+    all in ``[-127, 127]``, so that (as real numbers) ``codes[0] * scale <= min`` and
+    ``codes[1] * scale >= max``. A page with ``m == 0``: codes 0, scale 0. A page holding a NaN:
+    codes 0, scale NaN. A page holding an infinity (no NaN): codes -127 / 127, scale +inf.
+    Computed in float64, where every step here is exact.
+    """
+    x = summary.double()
+    lo, hi = x[..., 0, :], x[..., 1, :]
+    has_nan = torch.isnan(x).flatten(-2).any(-1)
+    m = torch.maximum(lo.abs(), hi.abs()).amax(-1)
+    m = torch.where(has_nan, torch.zeros_like(m), m)
+    has_inf = torch.isinf(m)
+    finite_m = torch.where(has_inf | (m == 0), torch.ones_like(m), m)
+    mant, expo = torch.frexp(finite_m)  # m = mant * 2^expo, mant in [0.5, 1)
+    e = torch.where(mant <= INT8_CODE_MAX / 128, expo - 7, expo - 6).clamp(min=-149)
+    scale = torch.pow(2.0, e.double())
+    a = torch.floor(lo / scale.unsqueeze(-1))
+    b = torch.ceil(hi / scale.unsqueeze(-1))
+    zero = (m == 0).unsqueeze(-1) | has_nan.unsqueeze(-1)
+    inf = has_inf.unsqueeze(-1) & ~has_nan.unsqueeze(-1)
+    a = torch.where(zero, 0.0, torch.where(inf, -INT8_CODE_MAX, a))
+    b = torch.where(zero, 0.0, torch.where(inf, INT8_CODE_MAX, b))
+    scale = torch.where(m == 0, 0.0, scale)
+    scale = torch.where(has_inf, math.inf, scale)
+    scale = torch.where(has_nan, math.nan, scale)
+    codes = torch.stack([a, b], dim=-2).to(torch.int8)
+    return codes, scale.float()
+
+
+def prepare_memory_int8(
+    keys: Tensor, page_size: int, *, seq_lens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """``quantize_minmax`` of the exact minmax summary: ``(codes int8 [B, Hkv, N, 2, D],
+    scales float32 [B, Hkv, N])``. Pages without a valid token have codes 0 and scale 0."""
+    return quantize_minmax(prepare_memory(keys, page_size, mode="minmax", seq_lens=seq_lens))
+
+
+def prepare_memory_int8_(
+    summary: Tensor,
+    scales: Tensor,
+    keys: Tensor,
+    page_size: int,
+    first_page: int,
+    *,
+    seq_lens: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Recompute pages ``first_page .. ceil(S/P) - 1`` of ``summary`` and ``scales`` in place."""
+    n_pages = _ceil_div(keys.shape[2], page_size)
+    if first_page < n_pages:
+        codes, page_scales = prepare_memory_int8(keys, page_size, seq_lens=seq_lens)
+        summary[:, :, first_page:n_pages] = codes[:, :, first_page:]
+        scales[:, :, first_page:n_pages] = page_scales[:, :, first_page:]
+    return summary, scales
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Compute Relevancy (+ top-k)
 # ------------------------------------------------------------------------------------------------
@@ -117,8 +184,18 @@ def relevancy_scores(
     mode: str = "bound",
     group_reduce: str = "max",
     weights: Optional[Tensor] = None,
+    summary_scales: Optional[Tensor] = None,
 ) -> Tensor:
-    """float32 score of every page for every kv head: ``[B, Hkv, N]`` (before top-k)."""
+    """float32 score of every page for every kv head: ``[B, Hkv, N]`` (before top-k).
+
+    An int8 ``summary`` (codes of :func:`quantize_minmax`, mode ``"bound"``) is scored on its
+    codes and each page's group score is multiplied by ``summary_scales[b, kv, n]``:
+    ``scale * reduce_g sum_d max(q_d * a_d, q_d * b_d)``.
+    """
+    if summary.dtype == torch.int8:
+        codes_scores = relevancy_scores(query.float(), summary.float(), mode="bound",
+                                        group_reduce=group_reduce)
+        return summary_scales.float() * codes_scores
     q = query.float()
     s = summary.float()
     B, Hq, D = q.shape
@@ -182,9 +259,11 @@ def topk_relevancy(
     recent_pages: int = 0,
     group_reduce: str = "max",
     weights: Optional[Tensor] = None,
+    summary_scales: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Scores and the exact top-k page set: ``(float32 [B, Hkv, k], int32 [B, Hkv, k])``."""
-    scores = relevancy_scores(query, summary, mode=mode, group_reduce=group_reduce, weights=weights)
+    scores = relevancy_scores(query, summary, mode=mode, group_reduce=group_reduce, weights=weights,
+                              summary_scales=summary_scales)
     return select_topk(
         scores, k, num_pages=num_pages, sink_pages=sink_pages, recent_pages=recent_pages
     )

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -71,17 +72,25 @@ void score_block(const ScoreBlock& sb, const float* block, const RelevancyArgs& 
   std::memcpy(out, &score, sizeof(score));
 }
 
-// scores[b, kv, n] for every page: float32, one pass over the summary.
-template <typename T>
+// scores[b, kv, n] for every page: float32, one pass over the summary. An int8 summary (S =
+// int8_t, `scales` its float32 [B, Hkv, N] page scales) is scored on its codes, which convert to
+// float exactly, and each page's group score is then multiplied by its scale (quantize.h).
+template <typename T, typename S = T>
 void score_pages(const at::Tensor& query, const at::Tensor& summary, const float* weights,
-                 const RelevancyArgs& args, at::Tensor& scores) {
+                 const RelevancyArgs& args, at::Tensor& scores,
+                 const at::Tensor* scales = nullptr) {
   const int64_t B = summary.size(0), Hkv = summary.size(1), N = summary.size(2);
   const int64_t R = summary.size(3), D = summary.size(4), Hq = query.size(1);
   const int64_t G = Hq / Hkv, blocks = ceil_div(N, kPageBlock);
   const T* qp = query.const_data_ptr<T>();
-  const T* sp = summary.const_data_ptr<T>();
+  const S* sp = summary.const_data_ptr<S>();
   const auto qs = query.strides();
   const auto ss = summary.strides();
+  const float* cp = scales != nullptr ? scales->const_data_ptr<float>() : nullptr;
+  const std::array<int64_t, 3> cs =
+      scales != nullptr ? std::array<int64_t, 3>{scales->stride(0), scales->stride(1),
+                                                 scales->stride(2)}
+                        : std::array<int64_t, 3>{0, 0, 0};
   float* out = scores.mutable_data_ptr<float>();
   const int64_t grain = grain_for(kPageBlock * (R + G) * D);
   at::parallel_for(0, B * Hkv * blocks, grain, [&](int64_t begin, int64_t end) {
@@ -99,11 +108,11 @@ void score_pages(const at::Tensor& query, const at::Tensor& summary, const float
           if (weights != nullptr) w[g] = weights[b * Hq + kv * G + g];
         }
       }
-      const T* pages = sp + b * ss[0] + kv * ss[1] + n0 * ss[2];
+      const S* pages = sp + b * ss[0] + kv * ss[1] + n0 * ss[2];
       if (count < kPageBlock) std::fill(block.begin(), block.end(), 0.f);  // never stored
       for (int64_t j = 0; j < count; ++j) {
         for (int64_t r = 0; r < R; ++r) {
-          const T* src = pages + j * ss[2] + r * ss[3];
+          const S* src = pages + j * ss[2] + r * ss[3];
           float* dst = block.data() + r * D * kPageBlock + j;
           for (int64_t d = 0; d < D; ++d) dst[d * kPageBlock] = to_float(src[d]);
         }
@@ -111,7 +120,12 @@ void score_pages(const at::Tensor& query, const at::Tensor& summary, const float
       score_block(ScoreBlock{q.data(), weights != nullptr ? w.data() : nullptr, G, R, D},
                   block.data(), args, block_scores);
       float* row_out = out + (b * Hkv + kv) * N + n0;
-      for (int64_t j = 0; j < count; ++j) row_out[j] = block_scores[j];
+      if (cp == nullptr) {
+        for (int64_t j = 0; j < count; ++j) row_out[j] = block_scores[j];
+      } else {
+        const float* page_scales = cp + b * cs[0] + kv * cs[1] + n0 * cs[2];
+        for (int64_t j = 0; j < count; ++j) row_out[j] = page_scales[j * cs[2]] * block_scores[j];
+      }
     }
   });
 }
@@ -160,10 +174,11 @@ void select_rows(const at::Tensor& scores, const int32_t* num_pages, const Relev
 std::tuple<at::Tensor, at::Tensor> topk_relevancy_cpu(
     const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
     const std::optional<at::Tensor>& num_pages, int64_t sink_pages, int64_t recent_pages,
-    c10::string_view group_reduce, const std::optional<at::Tensor>& weights) {
+    c10::string_view group_reduce, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& summary_scales) {
   const std::string mode_s(mode), reduce_s(group_reduce);
   check_topk_relevancy(query, summary, k, mode_s, num_pages, sink_pages, recent_pages, reduce_s,
-                       weights);
+                       weights, summary_scales);
   check_num_pages_values("topk_relevancy", num_pages, summary.size(2));
   const RelevancyArgs args{parse_relevancy_mode("topk_relevancy", mode_s),
                            parse_group_reduce("topk_relevancy", reduce_s), k, sink_pages,
@@ -173,8 +188,11 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cpu(
   at::Tensor w;
   if (weights.has_value()) w = weights->to(at::kFloat).contiguous();
   MEMOPS_DISPATCH_FLOAT(query.scalar_type(), "topk_relevancy_cpu", [&] {
-    score_pages<scalar_t>(query, summary, w.defined() ? w.const_data_ptr<float>() : nullptr, args,
-                          scores);
+    if (summary.scalar_type() == at::kChar)
+      score_pages<scalar_t, int8_t>(query, summary, nullptr, args, scores, &*summary_scales);
+    else
+      score_pages<scalar_t>(query, summary, w.defined() ? w.const_data_ptr<float>() : nullptr,
+                            args, scores);
   });
   at::Tensor top_scores = at::empty({B, Hkv, k}, query.options().dtype(at::kFloat));
   at::Tensor top_indices = at::empty({B, Hkv, k}, query.options().dtype(at::kInt));

@@ -4,14 +4,57 @@
 #include "validate.h"
 
 namespace memops {
+namespace {
+
+// An int8 summary: codes + page scales (int8_summary.cuh), then the same selection.
+void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
+                              const at::Tensor& scales, int64_t k,
+                              const std::optional<at::Tensor>& num_pages, int64_t sink_pages,
+                              int64_t recent_pages, const std::string& group_reduce,
+                              at::Tensor& scores, at::Tensor& top_scores,
+                              at::Tensor& top_indices) {
+  at::Tensor pages_holder;
+  RelevancyInt8Params ip{};
+  ip.query = query.const_data_ptr();
+  ip.codes = codes.const_data_ptr<int8_t>();
+  ip.scales = scales.const_data_ptr<float>();
+  ip.num_pages = optional_int_data(num_pages, pages_holder);
+  ip.scores = scores.mutable_data_ptr<float>();
+  ip.batch = codes.size(0);
+  ip.q_heads = query.size(1);
+  ip.kv_heads = codes.size(1);
+  ip.pages = codes.size(2);
+  ip.dim = codes.size(4);
+  for (int i = 0; i < 2; ++i) ip.query_stride[i] = query.stride(i);
+  for (int i = 0; i < 4; ++i) ip.code_stride[i] = codes.stride(i);
+  for (int i = 0; i < 3; ++i) ip.scale_stride[i] = scales.stride(i);
+  ip.reduce = parse_group_reduce("topk_relevancy", group_reduce);
+  SelectParams sp{};
+  sp.scores = scores.const_data_ptr<float>();
+  sp.num_pages = ip.num_pages;
+  sp.top_scores = top_scores.mutable_data_ptr<float>();
+  sp.top_indices = top_indices.mutable_data_ptr<int32_t>();
+  sp.heads = ip.kv_heads;
+  sp.pages = ip.pages;
+  sp.k = k;
+  sp.sink_pages = sink_pages;
+  sp.recent_pages = recent_pages;
+  check_launch(cuda::launch_topk_relevancy_int8(ip, sp, element_type(query),
+                                                allows_vector(codes), grid_limit(8),
+                                                current_stream()),
+               "topk_relevancy");
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
     const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
     const std::optional<at::Tensor>& num_pages, int64_t sink_pages, int64_t recent_pages,
-    c10::string_view group_reduce, const std::optional<at::Tensor>& weights) {
+    c10::string_view group_reduce, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& summary_scales) {
   const std::string mode_s(mode), reduce_s(group_reduce);
   check_topk_relevancy(query, summary, k, mode_s, num_pages, sink_pages, recent_pages, reduce_s,
-                       weights);
+                       weights, summary_scales);
   TORCH_CHECK(summary.size(4) <= kGpuMaxDim, "memops.topk_relevancy: the CUDA "
               "kernel supports head dims D <= ", kGpuMaxDim, ", got ",
               summary.size(4), "; run this step on the CPU");
@@ -29,6 +72,11 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
   at::Tensor scores = at::empty({B, Hkv, N}, query.options().dtype(at::kFloat));
   at::Tensor w, pages_holder;
   if (weights.has_value()) w = weights->to(at::kFloat).contiguous();
+  if (summary.scalar_type() == at::kChar) {
+    topk_relevancy_int8_cuda(query, summary, *summary_scales, k, num_pages, sink_pages,
+                             recent_pages, reduce_s, scores, top_scores, top_indices);
+    return {top_scores, top_indices};
+  }
 
   RelevancyParams rp{};
   rp.query = query.const_data_ptr();

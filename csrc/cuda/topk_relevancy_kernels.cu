@@ -1,6 +1,7 @@
 #include "cuda/kernels_common.cuh"
 #include "memops/topk_relevancy.cuh"
 #include "memops/topk_relevancy_tc.cuh"
+#include "memops/int8_summary.cuh"
 
 namespace memops {
 namespace cuda {
@@ -27,6 +28,17 @@ cudaError_t launch_topk_relevancy_tc(const RelevancyParams& scores, const Select
   if (type == ElementType::kFloat16)
     e = memops::launch_relevancy_tc<gpu::Half>(scores, select, done, resident_blocks, stream);
   if (e != cudaSuccess || done != nullptr) return e;
+  return memops::launch_select_topk(select, scores.batch * scores.kv_heads, stream);
+}
+
+cudaError_t launch_topk_relevancy_int8(const RelevancyInt8Params& scores,
+                                       const SelectParams& select, ElementType type,
+                                       bool vectorized, int target_blocks, cudaStream_t stream) {
+  const cudaError_t e = dispatch_element_type(type, [&](auto element) {
+    using Q = decltype(element);
+    return memops::launch_relevancy_scores_int8<Q>(scores, vectorized, target_blocks, stream);
+  });
+  if (e != cudaSuccess) return e;
   return memops::launch_select_topk(select, scores.batch * scores.kv_heads, stream);
 }
 

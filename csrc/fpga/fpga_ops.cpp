@@ -95,13 +95,20 @@ at::Tensor int_vector_or(const std::optional<at::Tensor>& given, const at::Tenso
   return at::full({batch}, fill, like.options().dtype(at::kInt));
 }
 
+// The prepare kernel's mode code of minmax_int8 (hls/prepare_memory/prepare_memory.h).
+constexpr int64_t kPrepareModeInt8 = 2;
+
+// `scales`: the page scales of an int8 summary (mode kPrepareModeInt8), else undefined.
 void launch_prepare_memory(const at::Tensor& keys, const at::Tensor& summary, int64_t page_size,
-                           int64_t first_page, SummaryMode mode,
-                           const std::optional<at::Tensor>& seq_lens) {
+                           int64_t first_page, int64_t mode,
+                           const std::optional<at::Tensor>& seq_lens,
+                           const at::Tensor& scales = at::Tensor()) {
   const int64_t B = keys.size(0), H = keys.size(1), S = keys.size(2);
   const int64_t last_page = ceil_div(S, page_size);
   if (first_page >= last_page || B * H == 0) return;
   const at::Tensor lens = int_vector_or(seq_lens, keys, B, S);
+  const at::Tensor page_scales =
+      scales.defined() ? scales : at::empty({0}, keys.options().dtype(at::kFloat));
   Launch launch("memops_prepare_memory");
   launch.buffer(keys);
   launch.buffer(summary);
@@ -111,8 +118,14 @@ void launch_prepare_memory(const at::Tensor& keys, const at::Tensor& summary, in
                     words(keys, keys.stride(0)), words(keys, keys.stride(1)),
                     words(keys, keys.stride(2)), words(summary, summary.stride(0)),
                     words(summary, summary.stride(1)), words(summary, summary.stride(2)),
-                    words(summary, summary.stride(3)), static_cast<int64_t>(mode),
+                    words(summary, summary.stride(3)), mode,
                     dtype_code("prepare_memory", keys)})
+    launch.scalar(v);
+  launch.buffer(page_scales);
+  for (int64_t v : {element_offset(page_scales),
+                    scales.defined() ? scales.stride(0) : int64_t{0},
+                    scales.defined() ? scales.stride(1) : int64_t{0},
+                    scales.defined() ? scales.stride(2) : int64_t{0}})
     launch.scalar(v);
   launch.run();
 }
@@ -125,7 +138,7 @@ at::Tensor prepare_memory_fpga(const at::Tensor& keys, int64_t page_size, c10::s
   check_seq_lens_values("prepare_memory", seq_lens, keys.size(2));
   const SummaryMode m = parse_summary_mode("prepare_memory", mode_s);
   at::Tensor summary = new_summary(keys, page_size, m);
-  launch_prepare_memory(keys, summary, page_size, 0, m, seq_lens);
+  launch_prepare_memory(keys, summary, page_size, 0, static_cast<int64_t>(m), seq_lens);
   return summary;
 }
 
@@ -138,17 +151,43 @@ void prepare_memory_inplace_fpga(at::Tensor& summary, const at::Tensor& keys, in
   check_word_layout("prepare_memory_", "summary", summary);
   check_seq_lens_values("prepare_memory_", seq_lens, keys.size(2));
   launch_prepare_memory(keys, summary, page_size, first_page,
-                        parse_summary_mode("prepare_memory_", mode_s), seq_lens);
+                        static_cast<int64_t>(parse_summary_mode("prepare_memory_", mode_s)),
+                        seq_lens);
+}
+
+std::tuple<at::Tensor, at::Tensor> prepare_memory_int8_fpga(
+    const at::Tensor& keys, int64_t page_size, const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "prepare_memory_int8";
+  check_prepare_memory_int8(keys, page_size, seq_lens);
+  check_word_layout(op, "keys", keys);
+  check_seq_lens_values(op, seq_lens, keys.size(2));
+  auto [codes, scales] = new_int8_summary(keys, page_size);
+  check_word_layout(op, "summary", codes);
+  launch_prepare_memory(keys, codes, page_size, 0, kPrepareModeInt8, seq_lens, scales);
+  return {codes, scales};
+}
+
+void prepare_memory_int8_inplace_fpga(at::Tensor& codes, at::Tensor& scales,
+                                      const at::Tensor& keys, int64_t page_size,
+                                      int64_t first_page,
+                                      const std::optional<at::Tensor>& seq_lens) {
+  const char* op = "prepare_memory_int8_";
+  check_prepare_memory_int8_inplace(codes, scales, keys, page_size, first_page, seq_lens);
+  check_word_layout(op, "keys", keys);
+  check_word_layout(op, "summary", codes);
+  check_seq_lens_values(op, seq_lens, keys.size(2));
+  launch_prepare_memory(keys, codes, page_size, first_page, kPrepareModeInt8, seq_lens, scales);
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_relevancy_fpga(
     const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
     const std::optional<at::Tensor>& num_pages, int64_t sink_pages, int64_t recent_pages,
-    c10::string_view group_reduce, const std::optional<at::Tensor>& weights) {
+    c10::string_view group_reduce, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& summary_scales) {
   const char* op = "topk_relevancy";
   const std::string mode_s(mode), reduce_s(group_reduce);
   check_topk_relevancy(query, summary, k, mode_s, num_pages, sink_pages, recent_pages, reduce_s,
-                       weights);
+                       weights, summary_scales);
   check_word_layout(op, "query", query);
   check_word_layout(op, "summary", summary);
   check_num_pages_values(op, num_pages, summary.size(2));
@@ -170,6 +209,9 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_fpga(
   const at::Tensor w = weights.has_value()
                            ? weights->to(at::kFloat).contiguous()
                            : at::empty({1}, query.options().dtype(at::kFloat));
+  const bool int8 = summary.scalar_type() == at::kChar;
+  const at::Tensor scales =
+      int8 ? *summary_scales : at::empty({0}, query.options().dtype(at::kFloat));
   at::Tensor top_scores = at::empty({B, Hkv, k}, query.options().dtype(at::kFloat));
   at::Tensor top_indices = at::empty({B, Hkv, k}, query.options().dtype(at::kInt));
   if (B * Hkv > 0) {
@@ -183,6 +225,11 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_fpga(
                       words(summary, summary.stride(1)), words(summary, summary.stride(2)),
                       words(summary, summary.stride(3)), static_cast<int64_t>(m),
                       static_cast<int64_t>(reduce), dtype_code(op, query)})
+      launch.scalar(v);
+    launch.buffer(scales);
+    for (int64_t v : {element_offset(scales), int8 ? scales.stride(0) : int64_t{0},
+                      int8 ? scales.stride(1) : int64_t{0}, int8 ? scales.stride(2) : int64_t{0},
+                      int8 ? int64_t{memops_hls::kInt8} : dtype_code(op, query)})
       launch.scalar(v);
     launch.run();
   }
@@ -284,6 +331,8 @@ at::Tensor host_copy(const at::Tensor& t) { return host_alias(t); }
 TORCH_LIBRARY_IMPL(memops, FPGA, m) {
   m.impl("prepare_memory", &prepare_memory_fpga);
   m.impl("prepare_memory_", &prepare_memory_inplace_fpga);
+  m.impl("prepare_memory_int8", &prepare_memory_int8_fpga);
+  m.impl("prepare_memory_int8_", &prepare_memory_int8_inplace_fpga);
   m.impl("topk_relevancy", &topk_relevancy_fpga);
   m.impl("gather_retrieve", &gather_retrieve_fpga);
   m.impl("sparse_apply", &sparse_apply_fpga);

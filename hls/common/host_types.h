@@ -26,6 +26,8 @@ struct host_word512 {
   void set16(int lane, uint16_t v) {
     std::memcpy(reinterpret_cast<char*>(lanes32) + 2 * lane, &v, 2);
   }
+  uint8_t get8(int lane) const { return reinterpret_cast<const uint8_t*>(lanes32)[lane]; }
+  void set8(int lane, uint8_t v) { reinterpret_cast<uint8_t*>(lanes32)[lane] = v; }
 };
 
 }  // namespace memops_hls

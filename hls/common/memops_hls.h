@@ -32,8 +32,9 @@ using word_t = host_word512;
 constexpr int kWordBytes = 64;
 static_assert(sizeof(word_t) == kWordBytes, "a 512-bit word must occupy 64 bytes in memory");
 
-// Element types, as the `dtype` scalar argument of every kernel.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Element types, as the `dtype` scalar argument of every kernel. kInt8: the codes of an int8
+// summary (csrc/include/memops/quantize.h), 64 a word.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3 };
 
 // Design limits of the kernels' on-chip buffers (checked by the host before a launch).
 constexpr int kMaxHeadDim = 256;          // D
@@ -181,6 +182,36 @@ unpack_words:
     for (int l = 0; l < kMaxLanes; ++l) {
 #pragma HLS UNROLL
       if (l < lanes) out[w * lanes + l] = lane_to_float(words[w], l, dtype);
+    }
+  }
+}
+
+constexpr int kInt8Lanes = 64;
+
+inline int8_t get_int8(const word_t& w, int lane) {
+#if defined(MEMOPS_HLS_VENDOR_TYPES)
+  return static_cast<int8_t>(static_cast<uint8_t>(w.range(8 * lane + 7, 8 * lane)));
+#else
+  return static_cast<int8_t>(w.get8(lane));
+#endif
+}
+
+inline void set_int8(word_t& w, int lane, int8_t v) {
+#if defined(MEMOPS_HLS_VENDOR_TYPES)
+  w.range(8 * lane + 7, 8 * lane) = static_cast<uint8_t>(v);
+#else
+  w.set8(lane, static_cast<uint8_t>(v));
+#endif
+}
+
+// One row of `row_words` words of int8 codes -> `row_words * 64` floats (exact).
+inline void unpack_codes(const word_t* words, int row_words, float* out) {
+unpack_code_words:
+  for (int w = 0; w < row_words; ++w) {
+  unpack_code_lanes:
+    for (int l = 0; l < kInt8Lanes; ++l) {
+#pragma HLS UNROLL
+      out[w * kInt8Lanes + l] = static_cast<float>(get_int8(words[w], l));
     }
   }
 }

@@ -14,11 +14,19 @@ int main(int argc, char** argv) {
     const auto lens = to_vector<int32_t>(read_bytes(dir + "/seq_lens.bin"));
     const auto expected = read_bytes(dir + "/expected.bin");
     const int64_t H = p["heads"], N = p["pages"], R = p["reps"];
+    // mode 2 (minmax_int8): codes, D / 64 words a row, and float32 scales compared byte for byte.
+    const bool int8 = p["mode"] == 2;
+    const int64_t out_words = int8 ? p["dim"] / 64 : row_words;
+    std::vector<float> scales(int8 ? p["batch"] * H * N : 1, -12345.f);
     memops_prepare_memory(keys.data(), summary.data(), lens.data(), 0, 0, 0, p["batch"], H,
                           row_words, p["page_size"], p["first_page"], N,
                           H * p["buffer_tokens"] * row_words, p["buffer_tokens"] * row_words,
-                          row_words, H * N * R * row_words, N * R * row_words, R * row_words,
-                          row_words, p["mode"], p["dtype"]);
-    return count_byte_errors(name, summary.data(), expected, elem);
+                          row_words, H * N * R * out_words, N * R * out_words, R * out_words,
+                          out_words, p["mode"], p["dtype"], scales.data(), 0, H * N, N, 1);
+    int64_t errors = count_byte_errors(name, summary.data(), expected, int8 ? 1 : elem);
+    if (int8)
+      errors += count_byte_errors(name + " scales", scales.data(),
+                                  read_bytes(dir + "/expected_scales.bin"), 4);
+    return errors;
   });
 }

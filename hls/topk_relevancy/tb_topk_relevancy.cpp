@@ -16,6 +16,11 @@ int main(int argc, char** argv) {
     const int64_t R = p["reps"], k = p["k"];
     auto query = to_words(read_bytes(dir + "/query.bin"));
     auto summary = to_words(read_bytes(dir + "/summary.bin"));
+    // int8 cases: codes in summary.bin, D / 64 words a row, and float32 page scales.
+    const bool int8 = p.count("summary_dtype") && p["summary_dtype"] == memops_hls::kInt8;
+    const int64_t summary_words = int8 ? p["dim"] / 64 : row_words;
+    const auto scales = int8 ? to_vector<float>(read_bytes(dir + "/scales.bin"))
+                             : std::vector<float>(1, 0.f);
     const auto pages = to_vector<int32_t>(read_bytes(dir + "/num_pages.bin"));
     const auto weights = to_vector<float>(read_bytes(dir + "/weights.bin"));
     const auto expected_scores = to_vector<float>(read_bytes(dir + "/expected_scores.bin"));
@@ -26,8 +31,10 @@ int main(int argc, char** argv) {
     memops_topk_relevancy(query.data(), summary.data(), pages.data(), weights.data(),
                           scores.data(), indices.data(), 0, 0, 0, 0, 0, 0, B, Hq, Hkv, R,
                           row_words, k, p["sink_pages"], p["recent_pages"], Hq * row_words,
-                          row_words, Hkv * N * R * row_words, N * R * row_words, R * row_words,
-                          row_words, p["mode"], p["group_reduce"], p["dtype"]);
+                          row_words, Hkv * N * R * summary_words, N * R * summary_words,
+                          R * summary_words, summary_words, p["mode"], p["group_reduce"],
+                          p["dtype"], scales.data(), 0, Hkv * N, N, 1,
+                          int8 ? memops_hls::kInt8 : p["dtype"]);
     int64_t case_errors = 0;
     for (size_t i = 0; i < indices.size(); ++i) {
       const bool same_score =

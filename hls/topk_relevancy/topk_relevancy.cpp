@@ -26,7 +26,9 @@ void load_rows(const word_t* query, const word_t* summary, const int32_t* num_pa
                int64_t query_offset, int64_t summary_offset, int64_t num_pages_offset,
                int64_t batch, int64_t kv_heads, int64_t group, int64_t reps, int64_t row_words,
                int64_t q_stride_b, int64_t q_stride_h, int64_t s_stride_b, int64_t s_stride_h,
-               int64_t s_stride_n, int64_t s_stride_r, hls::stream<int64_t>& row_pages,
+               int64_t s_stride_n, int64_t s_stride_r, const float* scales,
+               int64_t scales_offset, int64_t c_stride_b, int64_t c_stride_h, int64_t c_stride_n,
+               bool int8_summary, int64_t summary_words, hls::stream<int64_t>& row_pages,
                hls::stream<word_t>& words) {
 load_row:
   for (int64_t b = 0; b < batch; ++b) {
@@ -47,11 +49,18 @@ load_row:
       load_reps:
         for (int64_t r = 0; r < reps; ++r) {
         load_rep_words:
-          for (int64_t w = 0; w < row_words; ++w) {
+          for (int64_t w = 0; w < summary_words; ++w) {
 #pragma HLS PIPELINE II = 1
             words.write(summary[summary_offset + b * s_stride_b + kv * s_stride_h +
                                 p * s_stride_n + r * s_stride_r + w]);
           }
+        }
+        if (int8_summary) {  // the page's scale, in lane 0 of one more word
+          word_t scale_word = zero_word();
+          set_bits32(scale_word, 0,
+                     bits_from_float(scales[scales_offset + b * c_stride_b + kv * c_stride_h +
+                                            p * c_stride_n]));
+          words.write(scale_word);
         }
       }
     }
@@ -64,7 +73,8 @@ load_row:
 // count, so that the pipelined head loop unrolls it (one query head per cycle).
 void score_rows(const float* weights, int64_t weights_offset, int64_t batch, int64_t kv_heads,
                 int64_t group, int64_t reps, int64_t row_words, int64_t mode,
-                int64_t group_reduce, int64_t dtype, hls::stream<int64_t>& row_pages,
+                int64_t group_reduce, int64_t dtype, bool int8_summary, int64_t summary_words,
+                hls::stream<int64_t>& row_pages,
                 hls::stream<word_t>& words, hls::stream<int64_t>& scored_rows,
                 hls::stream<ScoredPage>& scored) {
   const auto relevancy = static_cast<memops::RelevancyMode>(mode);
@@ -104,10 +114,14 @@ score_row:
       read_reps:
         for (int64_t r = 0; r < reps; ++r) {
         read_rep_words:
-          for (int64_t w = 0; w < row_words; ++w) row[w] = words.read();
-          unpack_row(row, static_cast<int>(row_words), static_cast<int>(dtype),
-                     rep + r * kMaxHeadDim);
+          for (int64_t w = 0; w < summary_words; ++w) row[w] = words.read();
+          if (int8_summary)
+            unpack_codes(row, static_cast<int>(summary_words), rep + r * kMaxHeadDim);
+          else
+            unpack_row(row, static_cast<int>(row_words), static_cast<int>(dtype),
+                       rep + r * kMaxHeadDim);
         }
+        const float scale = int8_summary ? float_from_bits(get_bits32(words.read(), 0)) : 1.f;
         float score = 0.f;
         if (relevancy == memops::RelevancyMode::kIndexer) {
           score = memops::score_indexer(q, kMaxHeadDim, group, w_heads, rep, kMaxHeadDim);
@@ -122,6 +136,7 @@ score_row:
             score = memops::group_combine(score, s, g == 0, reduce);
           }
         }
+        if (int8_summary) score = scale * score;  // quantize.h: the scale factors out
         scored.write(ScoredPage{score, static_cast<int32_t>(p)});
       }
     }
@@ -250,8 +265,11 @@ extern "C" void memops_topk_relevancy(
     int64_t kv_heads, int64_t reps, int64_t row_words, int64_t k, int64_t sink_pages,
     int64_t recent_pages, int64_t q_stride_b, int64_t q_stride_h, int64_t sum_stride_b,
     int64_t sum_stride_h, int64_t sum_stride_n, int64_t sum_stride_r, int64_t mode,
-    int64_t group_reduce, int64_t dtype) {
+    int64_t group_reduce, int64_t dtype, const float* scales, int64_t scales_offset,
+    int64_t scale_stride_b, int64_t scale_stride_h, int64_t scale_stride_n,
+    int64_t summary_dtype) {
 #pragma HLS INTERFACE m_axi port = query offset = slave bundle = gmem_query
+#pragma HLS INTERFACE m_axi port = scales offset = slave bundle = gmem_control
 #pragma HLS INTERFACE m_axi port = summary offset = slave bundle = gmem_summary max_read_burst_length = 64
 #pragma HLS INTERFACE m_axi port = num_pages offset = slave bundle = gmem_control
 #pragma HLS INTERFACE m_axi port = weights offset = slave bundle = gmem_weights
@@ -261,6 +279,9 @@ extern "C" void memops_topk_relevancy(
   using namespace memops_hls;
   if (batch * kv_heads == 0) return;
   const int64_t group = q_heads / kv_heads;
+  const bool int8_summary = summary_dtype == kInt8;
+  const int64_t summary_words =
+      int8_summary ? row_words * lanes_per_word(static_cast<int>(dtype)) / kInt8Lanes : row_words;
   hls::stream<int64_t> row_pages, scored_rows;
   hls::stream<word_t> words;
   hls::stream<ScoredPage> scored;
@@ -271,9 +292,11 @@ extern "C" void memops_topk_relevancy(
 #pragma HLS DATAFLOW
   load_rows(query, summary, num_pages, query_offset, summary_offset, num_pages_offset, batch,
             kv_heads, group, reps, row_words, q_stride_b, q_stride_h, sum_stride_b, sum_stride_h,
-            sum_stride_n, sum_stride_r, row_pages, words);
+            sum_stride_n, sum_stride_r, scales, scales_offset, scale_stride_b, scale_stride_h,
+            scale_stride_n, int8_summary, summary_words, row_pages, words);
   score_rows(weights, weights_offset, batch, kv_heads, group, reps, row_words, mode,
-             group_reduce, dtype, row_pages, words, scored_rows, scored);
+             group_reduce, dtype, int8_summary, summary_words, row_pages, words, scored_rows,
+             scored);
   select_rows(batch * kv_heads, k, sink_pages, recent_pages, scored_rows, scored, selected);
   store_rows(out_scores, out_indices, scores_offset, indices_offset, batch * kv_heads, k,
              selected);

@@ -1,0 +1,36 @@
+// Parameters of the GPU kernels of the int8 summaries (int8_summary.cuh; layout in quantize.h).
+// Plain C++, like gpu_params.h: the torch bindings fill these in, the kernels read them.
+#pragma once
+
+#include <cstdint>
+
+#include "memops/common.h"
+
+namespace memops {
+
+struct PrepareMemoryInt8Params {
+  const void* keys;         // [B, H, S, D], the keys' float dtype
+  int8_t* codes;            // [B, H, N_max, 2, D]
+  float* scales;            // [B, H, N_max]
+  const int32_t* seq_lens;  // [B] or nullptr (all S); clamped to [0, S]
+  int64_t batch, heads, tokens, dim, page_size;
+  int64_t first_page, num_pages;  // pages first_page .. num_pages-1 are written
+  int64_t key_stride[3];          // b, h, s (elements); d is dense
+  int64_t code_stride[4];         // b, h, n, r
+  int64_t scale_stride[3];        // b, h, n
+};
+
+struct RelevancyInt8Params {
+  const void* query;         // [B, Hq, D], float32 / float16 / bfloat16
+  const int8_t* codes;       // [B, Hkv, N, 2, D]
+  const float* scales;       // [B, Hkv, N]
+  const int32_t* num_pages;  // [B] or nullptr; clamped to [0, N]
+  float* scores;             // [B, Hkv, N] contiguous; pages past num_pages are not written
+  int64_t batch, q_heads, kv_heads, pages, dim;
+  int64_t query_stride[2];  // b, h
+  int64_t code_stride[4];   // b, h, n, r
+  int64_t scale_stride[3];  // b, h, n
+  GroupReduce reduce;
+};
+
+}  // namespace memops
