@@ -1,7 +1,8 @@
 """Typed wrappers of ``torch.ops.memops.*`` and their fake kernels (for ``torch.compile``).
 
 Every op follows ``shared/DESIGN.md`` section 2; ``torch_memops.reference`` holds the same
-functions in plain PyTorch. Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads,
+functions in plain PyTorch. The ops have no backward: with grad mode on, an input that requires
+grad raises (call them under ``torch.no_grad()`` or ``torch.inference_mode()``). Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads,
 ``S`` cached tokens, ``D`` head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R``
 representatives per page, ``k`` pages selected. Keys and values use the Hugging Face layout
 ``[B, Hkv, S, D]`` and may be strided views of a larger buffer (only the last dim must be
@@ -215,7 +216,8 @@ def sparse_apply(
     seq_lens : Tensor, optional
         ``int32 [B]`` valid tokens per row.
     scale : float, optional
-        Softmax scale, default ``D ** -0.5``.
+        Softmax scale, default ``D ** -0.5``; a finite number > 0 (NaN, inf, 0 and negative
+        scales raise ``ValueError``).
 
     Returns
     -------
@@ -242,9 +244,10 @@ def merge_attention(
 ) -> Tuple[Tensor, Tensor]:
     """Exactly combine two partial attentions over disjoint token sets.
 
-    ``out_a, out_b: [..., D]`` (same shape and dtype), ``lse_a, lse_b: float32 [...]``.
-    Returns ``(out, lse)`` with ``lse = logaddexp(lse_a, lse_b)``; two empty parts give ``0`` and
-    ``-inf``.
+    ``out_a, out_b: [..., D]`` (same shape and dtype, last dim contiguous), ``lse_a, lse_b:
+    float32 [...]``. Returns ``(out, lse)`` with ``lse = logaddexp(lse_a, lse_b)``; two empty
+    parts give ``0`` and ``-inf``; a part with ``lse = +inf`` takes all the weight (two such parts
+    share it equally) and ``lse = +inf``; a NaN ``lse`` gives a NaN row.
 
     Examples
     --------
