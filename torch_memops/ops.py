@@ -1,12 +1,12 @@
 """Typed wrappers of ``torch.ops.memops.*`` and their fake kernels (for ``torch.compile``).
 
 Every op follows ``shared/DESIGN.md`` section 2; ``torch_memops.reference`` holds the same
-functions in plain PyTorch. The ops have no backward: with grad mode on, an input that requires
-grad raises (call them under ``torch.no_grad()`` or ``torch.inference_mode()``). Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads,
-``S`` cached tokens, ``D`` head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R``
-representatives per page, ``k`` pages selected. Keys and values use the Hugging Face layout
-``[B, Hkv, S, D]`` and may be strided views of a larger buffer (only the last dim must be
-contiguous); nothing is copied.
+functions in plain PyTorch. The ops have no backward: with grad mode on, an input that
+requires grad raises (call them under ``torch.no_grad()`` or ``torch.inference_mode()``).
+Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads, ``S`` cached tokens, ``D``
+head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R`` representatives per page, ``k`` pages
+selected. Keys and values use the Hugging Face layout ``[B, Hkv, S, D]`` and may be strided views
+of a larger buffer (only the last dim must be contiguous); nothing is copied.
 """
 
 from __future__ import annotations
