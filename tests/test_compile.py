@@ -48,3 +48,27 @@ def test_compiled_pipeline_equals_eager(device, dtype):
     # to the selected pages in place.
     selected_out, direct_out = eager[-2:]
     assert_bitwise_equal(cpu(selected_out), cpu(direct_out))
+
+
+# Every rank error and scalar bound of tests/test_errors.py, traced: the fake kernels raise what
+# the eager kernels raise (not "not enough values to unpack" or "tuple index out of range").
+def _traced_cases():
+    from test_errors import SHAPE_AND_TYPE_CASES
+
+    wanted = ("-rank", "-huge", "scale-", "page_size", "/k-", "/mode", "first_page")
+    return [c for c in SHAPE_AND_TYPE_CASES if any(w in c[0] for w in wanted)]
+
+
+@pytest.mark.parametrize("case", _traced_cases(), ids=[c[0] for c in _traced_cases()])
+def test_compiled_bad_arguments_raise_the_eager_error(case):
+    from test_errors import valid_inputs
+
+    _, build, match = case
+    fn, args, kwargs = build(valid_inputs("cpu"))
+    with pytest.raises((RuntimeError, ValueError), match=match) as eager:
+        fn(*args, **kwargs)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: fn(*a, **kwargs), fullgraph=True)
+    with pytest.raises(Exception) as traced:
+        compiled(*args)
+    assert str(eager.value).splitlines()[0] in str(traced.value)

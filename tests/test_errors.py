@@ -1,5 +1,6 @@
 """Bad arguments raise an error that names the argument, and nothing passed in is modified."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -138,6 +139,25 @@ SHAPE_AND_TYPE_CASES = [
     ("merge/out_a-dtype", lambda v: merge(v, out_a=v.out.to(torch.int32)), "`out_a`"),
     ("merge/lse_a-dtype", lambda v: merge(v, lse_a=v.lse.half()), "`lse_a`"),
     ("merge/lse_b-shape", lambda v: merge(v, lse_b=v.lse[:, :1]), "`lse_b`"),
+    # Bounds: token and page counts are int32 in the kernels.
+    ("prepare/page_size-huge", lambda v: prepare(v, page_size=2**63 - 1), "`page_size`"),
+    ("prepare_/page_size-huge", lambda v: prepare_inplace(v, page_size=2**31), "`page_size`"),
+    ("topk/k-huge", lambda v: topk(v, k=2**40), "`k` must be <= 2\\^31 - 1"),
+    ("gather/page_size-huge", lambda v: gather(v, page_size=2**40), "`page_size`"),
+    ("gather/tokens-huge", lambda v: gather(v, page_size=2**30), "`indices` selects k \\* page"),
+    ("apply/page_size-huge", lambda v: apply(v, page_size=2**40), "`page_size`"),
+    ("apply/tokens-huge", lambda v: apply(v, page_size=2**30), "`indices` selects k \\* page"),
+    # The softmax scale must be a finite number > 0 (docs/design.md, Decisions).
+    ("apply/scale-nan", lambda v: apply(v, scale=math.nan), "`scale`"),
+    ("apply/scale-inf", lambda v: apply(v, scale=math.inf), "`scale`"),
+    ("apply/scale-neg-inf", lambda v: apply(v, scale=-math.inf), "`scale`"),
+    ("apply/scale-0", lambda v: apply(v, scale=0.0), "`scale`"),
+    ("apply/scale-neg", lambda v: apply(v, scale=-0.125), "`scale`"),
+    # Only the last dim must be contiguous, in every op.
+    ("merge/out_a-last-dim", lambda v: merge(v, out_a=torch.stack([v.out, v.out], -1)[..., 0]),
+     "the last dim of `out_a`"),
+    ("merge/out_b-last-dim", lambda v: merge(v, out_b=torch.stack([v.out, v.out], -1)[..., 1]),
+     "the last dim of `out_b`"),
 ]
 
 VALUE_CASES = [
@@ -208,3 +228,34 @@ def test_device_mix_raises(device, case):
     for other in other_devices(device):
         assert_raises_and_leaves_inputs_alone(*build(valid_inputs(device), other), match)
 
+
+
+# --- autograd: the ops have no backward and say so ------------------------------------------------
+
+GRAD_CASES = [
+    ("prepare/keys", lambda v: prepare(v, keys=v.keys.requires_grad_()), "`keys` requires grad"),
+    ("prepare_/summary-leaf", lambda v: prepare_inplace(v, summary=v.summary.requires_grad_()),
+     "`summary` requires grad.*writes into it in place"),
+    ("topk/query", lambda v: topk(v, query=v.query.requires_grad_()), "`query` requires grad"),
+    ("gather/memory", lambda v: gather(v, memory=v.keys.requires_grad_()),
+     "`memory` requires grad"),
+    ("apply/v_cache", lambda v: apply(v, v_cache=v.values.requires_grad_()),
+     "`v_cache` requires grad"),
+    ("merge/lse_b", lambda v: merge(v, lse_b=v.lse.clone().requires_grad_()),
+     "`lse_b` requires grad"),
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_inputs_that_require_grad_are_refused(device, case):
+    _, build, match = case
+    fn, args, kwargs = build(valid_inputs(device))
+    assert_raises_and_leaves_inputs_alone(fn, args, kwargs, match + ".*torch.no_grad")
+    # Without grad mode the same call runs (as aten's in-place ops do on a leaf), and its new
+    # outputs carry no grad_fn.
+    with torch.no_grad():
+        result = fn(*args, **kwargs)
+    for t in result if isinstance(result, tuple) else (result,):
+        if not any(t is a for a in args):
+            assert t.grad_fn is None and not t.requires_grad

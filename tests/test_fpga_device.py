@@ -1,6 +1,8 @@
 """The fpga device (DispatchKey::FPGA on XRT buffer objects): copies, views, printing and the
 CPU fallback behave like the same code on the CPU, bit for bit."""
 
+import copy
+
 import pytest
 import torch
 
@@ -131,3 +133,40 @@ def test_copy_between_fpga_tensors():
 def test_only_device_zero_exists():
     with pytest.raises(RuntimeError, match="fpga:0"):
         torch.empty(3, device="fpga:1")
+
+
+# --- torch.save / torch.load and copy.deepcopy ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32], ids=str)
+def test_save_and_load_round_trip_through_the_device(dtype, tmp_path):
+    x = (torch.randn(4, 6) * 100).to(dtype)
+    f = x.to("fpga")
+    view = f[:, 1:5]
+    path = tmp_path / "t.pt"
+    torch.save({"whole": f, "view": view}, path)
+    loaded = torch.load(path)
+    assert loaded["whole"].device.type == "fpga" and loaded["view"].device.type == "fpga"
+    assert torch.equal(loaded["whole"].cpu(), x) and torch.equal(loaded["view"].cpu(), x[:, 1:5])
+    # The view still shares the loaded storage, as it did before saving.
+    shared = loaded["view"].untyped_storage().data_ptr()
+    assert shared == loaded["whole"].untyped_storage().data_ptr()
+    on_cpu = torch.load(path, map_location="cpu")
+    assert on_cpu["whole"].device.type == "cpu" and torch.equal(on_cpu["whole"], x)
+
+
+def test_deepcopy_makes_an_independent_fpga_copy():
+    x = torch.randn(3, 8)
+    f = x.to("fpga")
+    state = {"a": f, "b": f[1:], "grad": torch.randn(2).to("fpga").requires_grad_()}
+    copied = copy.deepcopy(state)
+    assert copied["a"].device.type == "fpga" and torch.equal(copied["a"].cpu(), x)
+    assert torch.equal(copied["b"].cpu(), x[1:]) and copied["grad"].requires_grad
+    assert copied["b"].untyped_storage().data_ptr() == copied["a"].untyped_storage().data_ptr()
+    assert copied["a"].untyped_storage().data_ptr() != f.untyped_storage().data_ptr()
+    copied["a"].fill_(7.0)
+    assert torch.equal(f.cpu(), x)  # the original is untouched
+    # A loaded or copied tensor is an ordinary fpga tensor for the memops kernels.
+    keys = torch.randn(1, 2, 32, 16)
+    summary = torch_memops.prepare_memory(copy.deepcopy(keys.to("fpga")), 8)
+    assert torch.equal(summary.cpu(), torch_memops.prepare_memory(keys, 8))

@@ -6,8 +6,9 @@ kernels call the functions of ``csrc/include/memops/relevancy.h``, mirror ``summ
 ``prepare_memory.h`` and narrow to fp16/bf16 with c10's rounding), so equal selections follow.
 The CPU backend itself is tested against ``torch_memops/reference.py`` in its own tests.
 
-The kernels move 512-bit words, so head dims here span a multiple of 64 bytes
-(D % 16 == 0 for float32, D % 32 == 0 for 16-bit dtypes), as on the card.
+The kernels move 512-bit words. Most cases use head dims that span whole words (as the usual
+D = 64, 128, 256 do); the ``*_any_head_dim`` tests run every other D the CPU accepts, which the
+backend pads to whole words internally, and must match the CPU just as exactly.
 """
 
 import math
@@ -238,8 +239,9 @@ def test_mixed_devices_raise():
 
 
 def test_layout_and_limits_raise_before_any_write():
-    with pytest.raises(ValueError, match="multiple of 64 bytes"):
-        ops.prepare_memory(torch.randn(1, 1, 8, 8).to("fpga"), 4)
+    with pytest.raises(ValueError, match="the last dim of `query` must be <= 256"):
+        ops.topk_relevancy(torch.randn(1, 1, 264).to("fpga"),
+                           torch.randn(1, 1, 4, 1, 264).to("fpga"), 2, mode="dot")
     summary = torch.randn(1, 1, 3000, 1, 16).to("fpga")
     with pytest.raises(ValueError, match="`k` must be <= 2048"):
         ops.topk_relevancy(torch.randn(1, 1, 16).to("fpga"), summary, 2049, mode="dot")
@@ -336,5 +338,110 @@ def test_topk_relevancy_int8_matches_cpu(dtype, case, D):
 
 def test_int8_on_fpga_needs_whole_words_of_codes():
     keys = torch.randn(1, 2, 32, 32).to("fpga")  # float32 D 32: whole key words, half a code word
-    with pytest.raises(ValueError, match="last dim of `summary` must span a multiple of 64 bytes"):
+    with pytest.raises(ValueError, match="int8 summaries need `summary` laid out in whole 64-byte words"):
         ops.prepare_memory(keys, 8, mode="minmax_int8")
+
+
+# --- any head dim: rows that are not whole 512-bit words -----------------------------------------
+
+# 1 and 3: rows of a few bytes; 24: 48 bytes in 16-bit dtypes (the case the kernels refused);
+# 40 and 100: a word and a tail; 300: wider than the 256-element row buffer (prepare runs in
+# column chunks, gather has no row buffer).
+ODD_DIMS = [1, 3, 24, 40, 100, 300]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("D", ODD_DIMS)
+def test_prepare_memory_any_head_dim(dtype, D):
+    B, H, S, P = 2, 3, 45, 8
+    keys, keys_f = strided_keys(B, H, S, D, dtype)
+    seq_lens = torch.tensor([45, 13], dtype=torch.int32)
+    for mode in ("minmax", "mean"):
+        expected = ops.prepare_memory(keys, P, mode=mode, seq_lens=seq_lens)
+        got = ops.prepare_memory(keys_f, P, mode=mode, seq_lens=fpga(seq_lens))
+        assert got.shape == expected.shape and got.is_contiguous()
+        assert torch.equal(got.cpu(), expected)
+        # In place, from page 3, into a poisoned preallocated summary with spare pages.
+        R = 2 if mode == "minmax" else 1
+        poison = torch.full((B, H, 9, R, D), -777.0).to(dtype)
+        expected_ = poison.clone()
+        ops.prepare_memory_(expected_, keys, P, 3, mode=mode, seq_lens=seq_lens)
+        got_ = poison.to("fpga")
+        ops.prepare_memory_(got_, keys_f, P, 3, mode=mode, seq_lens=fpga(seq_lens))
+        assert torch.equal(got_.cpu(), expected_)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [1, 3, 24, 40, 100, 250])
+@pytest.mark.parametrize("mode", ["bound", "dot", "indexer"])
+def test_topk_relevancy_any_head_dim(dtype, D, mode):
+    B, Hq, Hkv, N, k = 2, 8, 1 if mode == "indexer" else 2, 30, 7
+    query, summary, weights = relevancy_inputs(mode, B, Hq, Hkv, N + 4, dtype, D)
+    view, view_f = summary[:, :, :N], summary.to("fpga")[:, :, :N]  # a strided summary
+    num_pages = torch.tensor([N, 11], dtype=torch.int32)
+    kwargs = dict(mode=mode, sink_pages=1, recent_pages=1)
+    scores, indices = ops.topk_relevancy(query, view, k, num_pages=num_pages, weights=weights,
+                                         **kwargs)
+    f_scores, f_indices = ops.topk_relevancy(fpga(query), view_f, k, num_pages=fpga(num_pages),
+                                             weights=fpga(weights), **kwargs)
+    assert torch.equal(f_indices.cpu(), indices)
+    assert torch.equal(f_scores.cpu(), scores)
+
+
+@pytest.mark.parametrize("dtype", GATHER_DTYPES, ids=str)
+@pytest.mark.parametrize("D", ODD_DIMS)
+def test_gather_retrieve_any_head_dim(dtype, D):
+    B, H, S, P, k = 2, 3, 45, 8, 4
+    if dtype.is_floating_point:
+        buffer = torch.randn(B, H, S + 5, D).to(dtype)
+    else:
+        buffer = torch.randint(0, 120, (B, H, S + 5, D), dtype=dtype)
+    memory, memory_f = buffer[:, :, :S], buffer.to("fpga")[:, :, :S]
+    indices = random_indices(B, H, k, -(-S // P))
+    seq_lens = torch.tensor([45, 30], dtype=torch.int32)
+    out, lengths = ops.gather_retrieve(memory, indices, P, seq_lens=seq_lens)
+    f_out, f_lengths = ops.gather_retrieve(memory_f, fpga(indices), P, seq_lens=fpga(seq_lens))
+    assert f_out.shape == out.shape and f_out.is_contiguous()
+    assert torch.equal(f_out.cpu(), out)
+    assert torch.equal(f_lengths.cpu(), lengths)
+
+
+def test_pipeline_on_fpga_matches_cpu_with_head_dim_24():
+    B, Hq, Hkv, S, D, P, k = 2, 6, 2, 150, 24, 16, 4
+    keys = torch.randn(B, Hkv, S, D, dtype=torch.bfloat16)
+    query = torch.randn(B, Hq, D, dtype=torch.bfloat16)
+    seq_lens = torch.tensor([150, 61], dtype=torch.int32)
+
+    def pipeline(q, k_cache, lens):
+        summary = ops.prepare_memory(k_cache, P, seq_lens=lens)
+        _, indices = ops.topk_relevancy(q, summary, k, num_pages=(lens + P - 1) // P,
+                                        recent_pages=1)
+        return ops.gather_retrieve(k_cache, indices, P, seq_lens=lens)
+
+    out, lengths = pipeline(query, keys, seq_lens)
+    f_out, f_lengths = pipeline(fpga(query), fpga(keys), fpga(seq_lens))
+    assert torch.equal(f_out.cpu(), out)
+    assert torch.equal(f_lengths.cpu(), lengths)
+
+
+def test_indexer_nan_propagates_as_on_the_cpu():
+    B, Hi, N, D, k = 2, 4, 12, 32, 12
+    query = torch.randint(-4, 5, (B, Hi, D)).float()
+    keys = torch.randint(-4, 5, (B, 1, N, 1, D)).float()
+    weights = torch.randint(1, 4, (B, Hi)).float()
+    keys[0, 0, 3, 0, 5] = math.nan  # a NaN page
+    query[1, 2, 0] = math.nan  # a NaN head: every page of row 1
+    scores, indices = ops.topk_relevancy(query, keys, k, mode="indexer", weights=weights)
+    f_scores, f_indices = ops.topk_relevancy(fpga(query), fpga(keys), k, mode="indexer",
+                                             weights=fpga(weights))
+    assert torch.isnan(scores[0, 0, 3]) and torch.isnan(scores[1]).all()
+    assert torch.equal(f_indices.cpu(), indices)
+    torch.testing.assert_close(f_scores.cpu(), scores, rtol=0, atol=0, equal_nan=True)
+
+
+def test_inputs_that_require_grad_are_refused_on_fpga():
+    keys = torch.randn(1, 2, 40, 32).to("fpga").requires_grad_()
+    with pytest.raises(RuntimeError, match="`keys` requires grad.*torch.no_grad"):
+        ops.prepare_memory(keys, 16)
+    with torch.no_grad():
+        assert ops.prepare_memory(keys, 16).grad_fn is None

@@ -287,6 +287,8 @@ def test_enable_twice_on_one_model_raises():
     [
         (dict(method="topk"), "method"),
         (dict(page_size=0), "page_size"),
+        (dict(token_budget=10**12), r"token_budget must be an int in \[1, 2147483647\]"),
+        (dict(page_size=2**31), r"page_size must be an int in \[1, 2147483647\]"),
         (dict(token_budget=16, page_size=16, sink_pages=1, recent_pages=1), r"token_budget \(16\) is smaller"),
         (dict(recent_pages=0), "recent_pages"),
         (dict(sink_pages=-1), "sink_pages"),

@@ -156,6 +156,29 @@ def test_nan_scores_rank_lowest(device, k):
     assert nan_taken == ([] if k == 3 else [1, 4])
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_indexer_propagates_nan(device, dtype):
+    # relu(NaN) is NaN, as in torch.relu: a NaN index key makes its page's score NaN (ranked
+    # lowest, like any NaN score), and a NaN index head makes every score of its row NaN; neither
+    # may turn into 0 and rank as an ordinary page.
+    B, Hi, N, D = 2, 4, 12, 16
+    query = small_integers(B, Hi, D, dtype=dtype)
+    keys = small_integers(B, 1, N, 1, D, dtype=dtype)
+    weights = torch.randint(1, 4, (B, Hi)).float()
+    keys[0, 0, 3, 0, 5] = math.nan
+    query[1, 2, 0] = math.nan
+    for k in (5, N):
+        scores, indices = run_topk(device, query, keys, k, mode="indexer", weights=weights)
+        ref_scores, ref_indices = reference.topk_relevancy(query, keys, k, mode="indexer",
+                                                           weights=weights)
+        assert torch.equal(indices, ref_indices)
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0, equal_nan=True)
+    # k = N: every page is selected in ascending order, so scores[b, 0, n] is page n's score.
+    assert torch.isnan(scores[0, 0, 3]) and not scores[0, 0, :3].isnan().any()
+    assert torch.isnan(scores[1]).all()
+
+
 def test_checker_accepts_the_reference_selection():
     query, summary = randn(2, 8, 16), summary_of(2, 2, 12, 2, 16, torch.float32)
     ref_scores, ref_indices = reference.topk_relevancy(query, summary, 5, sink_pages=1)

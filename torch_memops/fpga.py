@@ -61,6 +61,45 @@ _PYXRT_MISSING = (
 )
 
 
+# --- torch.save / torch.load and copy.deepcopy of fpga tensors -------------------------------------
+# torch.save writes a storage's bytes after storage.cpu() (a copy through the device's set_
+# kernel, registered in csrc/fpga/fpga_device.cpp) under a location tag; torch.load restores the
+# tag through the registered deserializer. Tagger and deserializer for "fpga" are registered
+# here. copy.deepcopy clones storages with torch.UntypedStorage(n, device=...), which PyTorch
+# allows only for its own device types; for fpga storages the clone is a new fpga buffer object
+# filled by a device-side copy instead. Other storages are untouched.
+
+
+def _storage_tag(storage) -> Optional[str]:
+    if storage.device.type == "fpga":
+        return "fpga"
+    return None
+
+
+def _storage_restore(storage, location: str):
+    if not location.startswith("fpga"):
+        return None
+    data = torch.empty(0, dtype=torch.uint8).set_(storage.untyped())
+    return data.to("fpga").untyped_storage()
+
+
+def _clone_storage(original):
+    def clone(self):
+        if self.device.type != "fpga":
+            return original(self)
+        fresh = torch.empty(self.nbytes(), dtype=torch.uint8, device="fpga").untyped_storage()
+        return fresh.copy_(self)
+
+    clone.__doc__ = original.__doc__
+    clone._torch_memops_fpga = True
+    return clone
+
+
+torch.serialization.register_package(27, _storage_tag, _storage_restore)
+if not getattr(torch.UntypedStorage.clone, "_torch_memops_fpga", False):
+    torch.UntypedStorage.clone = _clone_storage(torch.UntypedStorage.clone)
+
+
 def is_built_with_xrt() -> bool:
     """Whether this build of torch_memops contains the native XRT runtime."""
     return bool(torch.ops.memops_fpga.native_built())

@@ -1,15 +1,17 @@
 """Typed wrappers of ``torch.ops.memops.*`` and their fake kernels (for ``torch.compile``).
 
 Every op follows ``docs/design.md`` section 2; ``torch_memops.reference`` holds the same
-functions in plain PyTorch. Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads,
-``S`` cached tokens, ``D`` head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R``
-representatives per page, ``k`` pages selected. Keys and values use the Hugging Face layout
-``[B, Hkv, S, D]`` and may be strided views of a larger buffer (only the last dim must be
-contiguous); nothing is copied.
+functions in plain PyTorch. The ops have no backward: with grad mode on, an input that
+requires grad raises (call them under ``torch.no_grad()`` or ``torch.inference_mode()``).
+Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads, ``S`` cached tokens, ``D``
+head dim, ``P`` page size, ``N = ceil(S / P)`` pages, ``R`` representatives per page, ``k`` pages
+selected. Keys and values use the Hugging Face layout ``[B, Hkv, S, D]`` and may be strided views
+of a larger buffer (only the last dim must be contiguous); nothing is copied.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -273,7 +275,8 @@ def sparse_apply(
     seq_lens : Tensor, optional
         ``int32 [B]`` valid tokens per row.
     scale : float, optional
-        Softmax scale, default ``D ** -0.5``.
+        Softmax scale, default ``D ** -0.5``; a finite number > 0 (NaN, inf, 0 and negative
+        scales raise ``ValueError``).
 
     Returns
     -------
@@ -300,9 +303,10 @@ def merge_attention(
 ) -> Tuple[Tensor, Tensor]:
     """Exactly combine two partial attentions over disjoint token sets.
 
-    ``out_a, out_b: [..., D]`` (same shape and dtype), ``lse_a, lse_b: float32 [...]``.
-    Returns ``(out, lse)`` with ``lse = logaddexp(lse_a, lse_b)``; two empty parts give ``0`` and
-    ``-inf``.
+    ``out_a, out_b: [..., D]`` (same shape and dtype, last dim contiguous), ``lse_a, lse_b:
+    float32 [...]``. Returns ``(out, lse)`` with ``lse = logaddexp(lse_a, lse_b)``; two empty
+    parts give ``0`` and ``-inf``; a part with ``lse = +inf`` takes all the weight (two such parts
+    share it equally) and ``lse = +inf``; a NaN ``lse`` gives a NaN row.
 
     Examples
     --------
@@ -317,11 +321,24 @@ def merge_attention(
 
 
 # ------------------------------------------------------------------------------------------------
-# Fake kernels: output metadata only, so that torch.compile can trace the ops. Argument checking
-# happens in the real kernels (csrc/validate.cpp), which run at execution time. The one check
-# here is the device mix: the dispatcher sends any call that involves a meta tensor to these
-# functions, so a meta tensor mixed with real ones would otherwise pass unnoticed.
+# Fake kernels: output metadata only, so that torch.compile can trace the ops. The full argument
+# checking happens in the real kernels (csrc/validate.cpp), which run at execution time. The fakes
+# repeat the checks that they need to compute output shapes (ranks, scalars) and the device mix,
+# with csrc/validate.cpp's messages, so that under torch.compile(fullgraph=True) or
+# FakeTensorMode a bad argument raises what an eager call raises. The dispatcher sends any call
+# that involves a meta tensor to these functions, so a meta tensor mixed with real ones would
+# otherwise pass unnoticed.
 # ------------------------------------------------------------------------------------------------
+
+#: Token and page counts are int32 in the kernels (csrc/validate.cpp, kMaxCount).
+MAX_COUNT = 2**31 - 1
+
+
+def _check_dim(op: str, name: str, t: Tensor, dim: int, layout: str) -> None:
+    """Raises like csrc/validate.cpp's check_dim unless ``t`` has ``dim`` dims."""
+    if t.dim() != dim:
+        raise RuntimeError(f"memops.{op}: `{name}` must have {dim} dims {layout}, got {t.dim()} "
+                           f"dims {list(t.shape)}")
 
 
 def _check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
@@ -343,22 +360,37 @@ def _check_scalars(op: str, *, page_size=None, k=None, first_page=None, sink_pag
     (the fake kernels also compute output shapes from these values)."""
     if page_size is not None and page_size <= 0:
         raise ValueError(f"memops.{op}: `page_size` must be > 0, got {page_size}")
+    if page_size is not None and page_size > MAX_COUNT:
+        raise ValueError(f"memops.{op}: `page_size` must be <= 2^31 - 1 ({MAX_COUNT}, token counts "
+                         f"are int32), got {page_size}")
     if first_page is not None and first_page < 0:
         raise ValueError(f"memops.{op}: `first_page` must be >= 0, got {first_page}")
     if k is not None:
         if k <= 0:
             raise ValueError(f"memops.{op}: `k` must be > 0, got {k}")
+        if k > MAX_COUNT:
+            raise ValueError(f"memops.{op}: `k` must be <= 2^31 - 1 ({MAX_COUNT}, page indices are "
+                             f"int32), got {k}")
         if sink_pages < 0 or recent_pages < 0:
             raise ValueError(f"memops.{op}: `sink_pages` and `recent_pages` must be >= 0, got "
                              f"{sink_pages} and {recent_pages}")
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            options = " or ".join(f'"{a}"' for a in allowed)
+            quoted = [f'"{a}"' for a in allowed]
+            options = ", ".join(quoted[:-1]) + " or " + quoted[-1]
             raise ValueError(f'memops.{op}: `{name}` must be {options}, got "{value}"')
+
+
+def _check_selected_tokens(op: str, indices: Tensor, page_size: int) -> None:
+    k = indices.shape[-1]
+    if k > MAX_COUNT // page_size:
+        raise ValueError(f"memops.{op}: `indices` selects k * page_size = {k} * {page_size} tokens "
+                         f"per row, more than 2^31 - 1 ({MAX_COUNT}, token counts are int32)")
 
 
 @torch.library.register_fake("memops::prepare_memory")
 def _prepare_memory_fake(keys, page_size, *, mode="minmax", seq_lens=None):
+    _check_dim("prepare_memory", "keys", keys, 4, "[B, Hkv, S, D]")
     _check_same_device("prepare_memory", keys=keys, seq_lens=seq_lens)
     _check_scalars("prepare_memory", page_size=page_size, mode=(mode, ("minmax", "mean")))
     B, H, S, D = keys.shape
@@ -369,6 +401,8 @@ def _prepare_memory_fake(keys, page_size, *, mode="minmax", seq_lens=None):
 @torch.library.register_fake("memops::prepare_memory_")
 def _prepare_memory_inplace_fake(summary, keys, page_size, first_page, *, summary_mode="minmax",
                                  seq_lens=None):
+    _check_dim("prepare_memory_", "keys", keys, 4, "[B, Hkv, S, D]")
+    _check_dim("prepare_memory_", "summary", summary, 5, "[B, Hkv, N, R, D]")
     _check_same_device("prepare_memory_", keys=keys, summary=summary, seq_lens=seq_lens)
     _check_scalars("prepare_memory_", page_size=page_size, first_page=first_page,
                    mode=(summary_mode, ("minmax", "mean")))
@@ -397,6 +431,8 @@ def _prepare_memory_int8_inplace_fake(summary, scales, keys, page_size, first_pa
 @torch.library.register_fake("memops::topk_relevancy")
 def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sink_pages=0,
                          recent_pages=0, group_reduce="max", weights=None, summary_scales=None):
+    _check_dim("topk_relevancy", "query", query, 3, "[B, Hq, D]")
+    _check_dim("topk_relevancy", "summary", summary, 5, "[B, Hkv, N, R, D]")
     _check_same_device("topk_relevancy", query=query, summary=summary, num_pages=num_pages,
                        weights=weights, summary_scales=summary_scales)
     _check_scalars("topk_relevancy", k=k, sink_pages=sink_pages, recent_pages=recent_pages,
@@ -409,8 +445,11 @@ def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sin
 
 @torch.library.register_fake("memops::gather_retrieve")
 def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
+    _check_dim("gather_retrieve", "memory", memory, 4, "[B, H, S, D]")
+    _check_dim("gather_retrieve", "indices", indices, 3, "[B, H, k]")
     _check_same_device("gather_retrieve", memory=memory, indices=indices, seq_lens=seq_lens)
     _check_scalars("gather_retrieve", page_size=page_size)
+    _check_selected_tokens("gather_retrieve", indices, page_size)
     B, H, _, D = memory.shape
     k = indices.shape[-1]
     return memory.new_empty(B, H, k * page_size, D), indices.new_empty(B, H)
@@ -418,14 +457,24 @@ def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
 
 @torch.library.register_fake("memops::sparse_apply")
 def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=None, scale=None):
+    _check_dim("sparse_apply", "query", query, 3, "[B, Hq, D]")
+    _check_dim("sparse_apply", "k_cache", k_cache, 4, "[B, Hkv, S, D]")
+    _check_dim("sparse_apply", "v_cache", v_cache, 4, "[B, Hkv, S, D]")
     _check_same_device("sparse_apply", query=query, k_cache=k_cache, v_cache=v_cache,
                        indices=indices, seq_lens=seq_lens)
     _check_scalars("sparse_apply", page_size=page_size)
+    if indices is not None and indices.dim() == 3:
+        _check_selected_tokens("sparse_apply", indices, page_size)
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"memops.sparse_apply: `scale` must be a finite number > 0 (default D ** "
+                         f"-0.5), got {scale}")
     B, Hq, D = query.shape
     return query.new_empty(B, Hq, D), query.new_empty(B, Hq, dtype=torch.float32)
 
 
 @torch.library.register_fake("memops::merge_attention")
 def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
+    if out_a.dim() < 1:
+        raise RuntimeError("memops.merge_attention: `out_a` must have at least 1 dim [..., D]")
     _check_same_device("merge_attention", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)

@@ -367,7 +367,9 @@ def merge_attention(
     """Exact merge of two partial attentions over disjoint token sets.
 
     ``out_*: [..., D]``, ``lse_*: float32 [...]``. ``lse = log(exp(lse_a) + exp(lse_b))``;
-    ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``; both empty gives ``0, -inf``.
+    ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``; both empty gives ``0, -inf``;
+    a part with ``lse = +inf`` takes all the weight (two such parts share it equally) and
+    ``lse = +inf``; a NaN ``lse`` gives a NaN row.
     """
     la, lb = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(la, lb)
@@ -375,5 +377,13 @@ def merge_attention(
     safe = torch.where(finite, lse, torch.zeros_like(lse))
     wa = torch.where(finite, torch.exp(la - safe), torch.zeros_like(lse))
     wb = torch.where(finite, torch.exp(lb - safe), torch.zeros_like(lse))
+    # An lse of +inf takes all the weight (two share it); a NaN lse makes the row NaN.
+    inf_a, inf_b = (la == math.inf).float(), (lb == math.inf).float()
+    dominated = (inf_a + inf_b) > 0
+    wa = torch.where(dominated, inf_a / (inf_a + inf_b), wa)
+    wb = torch.where(dominated, inf_b / (inf_a + inf_b), wb)
+    lse = torch.where(dominated, math.inf, lse)
+    nan = torch.isnan(la) | torch.isnan(lb)
+    wa, wb, lse = (torch.where(nan, math.nan, x) for x in (wa, wb, lse))
     out = wa.unsqueeze(-1) * out_a.float() + wb.unsqueeze(-1) * out_b.float()
     return out.to(out_a.dtype), lse

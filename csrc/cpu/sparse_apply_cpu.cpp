@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cpu(const at::Tensor& query,
                                                     int64_t page_size,
                                                     const std::optional<at::Tensor>& seq_lens,
                                                     std::optional<double> scale) {
-  check_sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens);
+  check_sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens, scale);
   const int64_t S = k_cache.size(2);
   check_seq_lens_values("sparse_apply", seq_lens, S);
   if (indices.has_value()) check_indices_values("sparse_apply", *indices, ceil_div(S, page_size));

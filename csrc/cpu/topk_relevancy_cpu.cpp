@@ -37,7 +37,7 @@ struct ScoreBlock {
 static_assert(kPageBlock == 8, "a page block is one f32x8");
 
 inline f32x8 max_nan(f32x8 a, f32x8 b) { return ((a > b) | (a != a)) ? a : b; }  // fmax32
-inline f32x8 relu(f32x8 a) { return a > 0.f ? a : f32x8{}; }
+inline f32x8 relu(f32x8 a) { return ((a > 0.f) | (a != a)) ? a : f32x8{}; }  // relu32
 
 MEMOPS_CPU_MULTIVERSION
 void score_block(const ScoreBlock& sb, const float* block, const RelevancyArgs& args, float* out) {

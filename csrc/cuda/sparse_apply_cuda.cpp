@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
                                                      int64_t page_size,
                                                      const std::optional<at::Tensor>& seq_lens,
                                                      std::optional<double> scale) {
-  check_sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens);
+  check_sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens, scale);
   TORCH_CHECK(query.size(2) <= kGpuMaxDim, "memops.sparse_apply: the CUDA kernel "
               "supports head dims D <= ", kGpuMaxDim, ", got ", query.size(2),
               "; run this step on the CPU");

@@ -2,12 +2,14 @@
 // memory device needs, and the boxed CPU fallback for every other aten op.
 #include <ATen/EmptyTensor.h>
 #include <ATen/native/CPUFallback.h>
+#include <ATen/native/Resize.h>
 #include <ATen/ops/_reshape_alias_native.h>
 #include <ATen/ops/as_strided_native.h>
 #include <ATen/ops/view_native.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
@@ -192,6 +194,34 @@ at::Tensor _copy_from_and_resize_fpga(const at::Tensor& self, const at::Tensor& 
   return copy_from_fpga(self, dst, false);
 }
 
+// set_ points a tensor at (part of) an fpga storage. torch.load rebuilds every tensor this way,
+// and storage copies (storage.cpu(), copy.deepcopy) go through it; the CPU fallback cannot, as it
+// would alias a CPU copy. The storage must already hold the view (no resize here).
+at::Tensor& set_storage_fpga(at::Tensor& self, c10::Storage source, int64_t storage_offset,
+                             at::IntArrayRef size, at::IntArrayRef stride) {
+  TORCH_CHECK(source.device().type() == c10::DeviceType::FPGA,
+              "fpga: set_ needs a storage on the fpga device, got one on ", source.device());
+  at::native::checkSetStorage(self, source, storage_offset, size, stride);
+  std::vector<int64_t> strides = stride.vec();
+  if (stride.empty()) {
+    strides.assign(size.size(), 1);
+    for (int64_t d = static_cast<int64_t>(size.size()) - 2; d >= 0; --d)
+      strides[d] = strides[d + 1] * std::max<int64_t>(size[d + 1], 1);
+  }
+  at::native::setStrided(self, size, at::IntArrayRef(strides), storage_offset);
+  return self;
+}
+
+at::Tensor& set_source_storage_fpga(at::Tensor& self, c10::Storage source) {
+  const int64_t numel = static_cast<int64_t>(source.nbytes() / self.itemsize());
+  return set_storage_fpga(self, std::move(source), 0, {numel}, {1});
+}
+
+at::Tensor& set_source_tensor_fpga(at::Tensor& self, const at::Tensor& source) {
+  return set_storage_fpga(self, source.storage(), source.storage_offset(), source.sizes(),
+                          source.strides());
+}
+
 void fpga_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   at::native::cpu_fallback(op, stack);
 }
@@ -230,6 +260,9 @@ TORCH_LIBRARY_IMPL(aten, FPGA, m) {
   m.impl("_reshape_alias", TORCH_FN(at::native::_reshape_alias));
   m.impl("resize_", TORCH_FN(resize_fpga));
   m.impl("fill_.Scalar", TORCH_FN(fill_fpga));
+  m.impl("set_.source_Storage_storage_offset", TORCH_FN(set_storage_fpga));
+  m.impl("set_.source_Storage", TORCH_FN(set_source_storage_fpga));
+  m.impl("set_.source_Tensor", TORCH_FN(set_source_tensor_fpga));
 }
 
 TORCH_LIBRARY_IMPL(_, FPGA, m) {

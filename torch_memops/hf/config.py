@@ -13,9 +13,14 @@ STEPS = ("prepare", "relevancy", "retrieval", "apply")
 DEVICE_KINDS = ("auto", "cpu", "cuda", "fpga")
 
 
-def _require_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"MemopsConfig.{name} must be an int >= {minimum}, got {value!r}")
+# Token and page counts are int32 in the kernels (torch_memops.ops.MAX_COUNT).
+_MAX_COUNT = 2**31 - 1
+
+
+def _require_int(name: str, value, minimum: int, maximum: int = _MAX_COUNT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"MemopsConfig.{name} must be an int in [{minimum}, {maximum}] (token "
+                         f"and page counts are int32), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

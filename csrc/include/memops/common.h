@@ -24,6 +24,8 @@ MEMOPS_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // loops of it) instead of a data-dependent jump that random data mispredicts half the time.
 MEMOPS_HD float fmax32(float a, float b) { return ((a > b) | (a != a)) ? a : b; }
 MEMOPS_HD float fmin32(float a, float b) { return ((a < b) | (a != a)) ? a : b; }
+// NaN-propagating relu, like torch.relu: NaN stays NaN (`x > 0 ? x : 0` would map it to 0).
+MEMOPS_HD float relu32(float x) { return ((x > 0.f) | (x != x)) ? x : 0.f; }
 
 // Element conversion. Every storage type used here (float, c10::Half, c10::BFloat16, __half,
 // __nv_bfloat16, half from hls_half.h) converts to and from float with a cast.

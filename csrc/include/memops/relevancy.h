@@ -40,14 +40,15 @@ MEMOPS_HD float group_combine(float running, float head_score, bool first, Group
   return reduce == GroupReduce::kMax ? fmax32(running, head_score) : running + head_score;
 }
 
-// DeepSeek's lightning indexer: sum_h w_h * relu(<q_h, key>), heads in order.
+// DeepSeek's lightning indexer: sum_h w_h * relu(<q_h, key>), heads in order; a NaN logit
+// propagates (relu32), as in torch.relu.
 template <typename Q, typename S, typename W>
 MEMOPS_HD float score_indexer(const Q* q, int64_t head_stride, int64_t num_heads, const W* w,
                               const S* key, int64_t dim) {
   float acc = 0.f;
   for (int64_t h = 0; h < num_heads; ++h) {
     const float logit = dot(q + h * head_stride, key, dim);
-    acc += to_float(w[h]) * (logit > 0.f ? logit : 0.f);
+    acc += to_float(w[h]) * relu32(logit);
   }
   return acc;
 }

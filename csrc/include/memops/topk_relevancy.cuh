@@ -100,7 +100,7 @@ __device__ __forceinline__ float score_page(const RelevancyParams& p, const floa
     } else {
       head = gpu::group_sum(lane_dot<T, VEC>(q, first, sub, dim), kLanesPerPage);
       if (p.mode == RelevancyMode::kIndexer) {
-        head = shared_weights[g] * (head > 0.f ? head : 0.f);
+        head = shared_weights[g] * relu32(head);
       } else {
         if (p.reps >= 2)
           head = fmax32(head, gpu::group_sum(lane_dot<T, VEC>(q, second, sub, dim),

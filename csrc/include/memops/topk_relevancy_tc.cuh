@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
       for (int i = 0; i < 4; ++i) {
         const float w = head_weights[8 * nt + 2 * t + (i & 1)];
         const float logit = acc[i];
-        score[i / 2] += isfinite(logit) ? w * (logit > 0.f ? logit : 0.f) : NAN;
+        score[i / 2] += isfinite(logit) ? w * relu32(logit) : NAN;
       }
     }
 #pragma unroll
