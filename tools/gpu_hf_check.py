@@ -17,10 +17,22 @@ import transformers
 from torch_memops import hf
 
 OUT = os.environ.get("OUT", "/tmp/memops-gpu-out")
-DEVICE = "cuda"
-NEW_TOKENS = 24
+# GPU_HF_DRY_RUN=1: the same script on the CPU with a tiny model, to find errors before a GPU run.
+DRY_RUN = os.environ.get("GPU_HF_DRY_RUN") == "1"
+DEVICE = "cpu" if DRY_RUN else "cuda"
+NEW_TOKENS = 4 if DRY_RUN else 24
 results = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "device": torch.cuda.get_device_name(0), "checks": {}, "decode_ms": {}}
+           "device": "cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(0), "checks": {}, "decode_ms": {}}
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        synchronize()
+
+
+def set_sync_debug_mode(mode):
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def record(name, ok, detail=""):
@@ -29,15 +41,16 @@ def record(name, ok, detail=""):
 
 
 def model_and_inputs():
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
-                                      num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+    hidden, layers, length = (128, 2, 100) if DRY_RUN else (1024, 6, 1500)
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=2816,
+                                      num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                                       max_position_embeddings=8192, initializer_range=0.1,
                                       attn_implementation="sdpa")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
-    ids = torch.randint(0, 4096, (2, 1500), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+    ids = torch.randint(0, 4096, (2, length), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones_like(ids)
-    mask[1, :700] = 0
+    mask[1, :length // 2] = 0
     return model, ids, mask
 
 
@@ -50,14 +63,14 @@ def generate(model, ids, mask, **kwargs):
 def per_token_ms(model, ids, mask, repeats=3, **kwargs):
     """(t(1 + n new tokens) - t(1 new token)) / n, median of `repeats`, after one warm-up call."""
     def timed(n):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
-        torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - start
     timed(1 + NEW_TOKENS)
-    samples = sorted((timed(1 + NEW_TOKENS) - timed(1)) / NEW_TOKENS for _ in range(repeats))
+    samples = sorted((timed(1 + NEW_TOKENS) - timed(1)) / NEW_TOKENS for _ in range(1 if DRY_RUN else repeats))
     return 1e3 * samples[len(samples) // 2]
 
 
@@ -101,13 +114,13 @@ def main():
                     for step in range(4):
                         step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], dim=1)
                         if step == 3:
-                            torch.cuda.synchronize()
-                            torch.cuda.set_sync_debug_mode("error")
+                            synchronize()
+                            set_sync_debug_mode("error")
                         try:
                             out = forward(input_ids=token, attention_mask=step_mask, use_cache=True, **{arg: cache})
                             token = out.logits[:, -1:].argmax(-1)
                         finally:
-                            torch.cuda.set_sync_debug_mode(0)
+                            set_sync_debug_mode(0)
                 record(f"ours: {name} decode step makes no device-to-host sync", True)
             except Exception as error:
                 record(f"ours: {name} decode step makes no device-to-host sync", False, repr(error)[:300])
