@@ -34,7 +34,7 @@ end=$((start + BUDGET_S - 15))
 left() { echo $((end - $(date +%s))); }
 export PYTHONUNBUFFERED=1 MEMOPS_BENCH_OUT="$OUT"
 export TORCHINDUCTOR_CACHE_DIR=/tmp/memops-inductor TORCHINDUCTOR_COMPILE_THREADS=16
-export FLASHINFER_WORKSPACE_BASE=/tmp/memops-flashinfer
+export FLASHINFER_WORKSPACE_BASE=/tmp/memops-flashinfer MAX_JOBS=16  # FlashInfer JIT cache and nvcc jobs
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 lscpu > "$OUT/lscpu.txt" 2>&1
