@@ -28,7 +28,7 @@ DECODE_ARGS="${DECODE_ARGS:---issue-cells --no-compile}"
 TAG="${TAG:-}"
 SRC=/tmp/memops-src
 SITE=/tmp/memops-site
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the benchmarks run from the /tmp copy
 start=$(date +%s)
 end=$((start + BUDGET_S - 15))
 left() { echo $((end - $(date +%s))); }
