@@ -198,3 +198,58 @@ def test_flashinfer_pipeline_glue_is_the_quest_step(fake_flashinfer):
     _, indices = reference.topk_relevancy(query, summary, k, sink_pages=1, recent_pages=2)
     want, _ = reference.sparse_apply(query, keys, values, indices, P)
     torch.testing.assert_close(step(), want, rtol=1e-5, atol=1e-5)
+
+
+class _Rows:
+    """Stands in for common.Report: collects the rows a benchmark adds."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, row):
+        self.rows.append(row)
+        return row
+
+
+@pytest.fixture
+def cpu_timing(monkeypatch, fake_flashinfer):
+    """The benchmarks' FlashInfer rows on the CPU: one untimed call instead of CUDA timing and
+    graphs, the fake FlashInfer, torch.compile left out (its CPU compile is slow and not the point)."""
+    import bench_decode
+    import bench_ops
+
+    for module in (bench_decode, bench_ops):
+        monkeypatch.setattr(module, "median_ms", lambda fn: (fn(), 1.0)[1])
+        monkeypatch.setattr(module, "graph_replay", lambda fn: fn)
+    monkeypatch.setattr(fi.torch, "compile", lambda fn, **kwargs: fn)
+    return bench_decode, bench_ops
+
+
+def test_bench_decode_flashinfer_rows_run_and_agree(cpu_timing):
+    bench_decode, _ = cpu_timing
+    B, Hq, Hkv, D, S, kp = 2, 8, 2, 64, 512, 8
+    keys = torch.randn(B, Hkv, S, D, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    query = torch.randn(B, Hq, D, dtype=torch.bfloat16)
+    summary = reference.prepare_memory(keys, bench_decode.PAGE)
+    report = _Rows()
+    assert bench_decode.flashinfer_dense_row(report, "cell", query, keys, values, True) == 1.0
+    bench_decode.flashinfer_rows(report, "cell", query, summary, keys, values, kp, 1, 1.0, True)
+    assert [r.name.split(",")[0] for r in report.rows] == [
+        "FlashInfer dense decode", "FlashInfer decode", "FlashInfer pipeline (compiled scoring + flashinfer.top_k + decode)"]
+    assert all("skipped" not in r.extra for r in report.rows), [r.extra for r in report.rows]
+    assert report.rows[1].extra["agree"] and report.rows[1].extra["fi_err"] < 1e-2
+
+
+def test_bench_ops_flashinfer_rows_run_and_agree(cpu_timing):
+    _, bench_ops = cpu_timing
+    B, Hq, Hkv, D, S, kp = 2, 8, 2, 64, 512, 8
+    keys = torch.randn(B, Hkv, S, D, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    query = torch.randn(B, Hq, D, dtype=torch.bfloat16)
+    idx = bench_ops.random_pages(B, Hkv, S // bench_ops.PAGE, kp, device="cpu")
+    scores = torch.randn(B, Hkv, S // bench_ops.PAGE)
+    report = _Rows()
+    bench_ops.flashinfer_attention_rows(report, "cell", query, keys, values, idx, scores, kp, kp * bench_ops.PAGE)
+    assert len(report.rows) == 4 and all("skipped" not in r.extra for r in report.rows), [r.extra for r in report.rows]
+    assert report.rows[1].extra["agree"]
