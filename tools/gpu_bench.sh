@@ -4,7 +4,8 @@
 # budget. Results (JSON, Markdown, logs) go flat under $OUT.
 #
 #   BUDGET_S=500                      whole call, seconds (every stage is cut to fit)
-#   STAGES="build e2e decode"         what to run
+#   STAGES="build e2e decode"         what to run (also "ops": bench_ops.py $OPS_ARGS, FlashInfer rows too)
+#   OPS_ARGS="--quick"
 #   E2E_CELLS="8x32K,1x32K"           bench_e2e cells (all six: 1x8K,8x8K,1x32K,8x32K,1x128K,4x128K)
 #   E2E_ROWS=all                      or a comma-separated subset of bench_e2e's rows
 #   E2E_ARGS="--new-tokens 16 --repeats 3 --warmup 1"
@@ -96,6 +97,17 @@ if [[ " $STAGES " == *" decode "* ]]; then
     echo "bench_decode: rc $? in $(( $(date +%s) - t0 )) s"
   else
     echo "bench_decode: not run (${budget} s left)"
+  fi
+fi
+if [[ " $STAGES " == *" ops "* ]]; then
+  t0=$(date +%s)
+  budget=$(left)
+  if [ "$budget" -gt 30 ]; then
+    MEMOPS_BENCH_DEADLINE=$((end - 10)) timeout "$budget" \
+      python3 benchmarks/bench_ops.py ${OPS_ARGS:---quick} > "$OUT/ops$TAG.log" 2>&1
+    echo "bench_ops: rc $? in $(( $(date +%s) - t0 )) s"
+  else
+    echo "bench_ops: not run (${budget} s left)"
   fi
 fi
 echo "total: $(( $(date +%s) - start )) s"
