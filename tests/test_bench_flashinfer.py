@@ -6,6 +6,7 @@ is checked against ``reference.sparse_apply`` on the CPU. On a GPU with FlashInf
 benchmarks compare FlashInfer's own output with ours on the same pages.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -253,3 +254,20 @@ def test_bench_ops_flashinfer_rows_run_and_agree(cpu_timing):
     bench_ops.flashinfer_attention_rows(report, "cell", query, keys, values, idx, scores, kp, kp * bench_ops.PAGE)
     assert len(report.rows) == 4 and all("skipped" not in r.extra for r in report.rows), [r.extra for r in report.rows]
     assert report.rows[1].extra["agree"]
+
+
+def test_bench_e2e_cpu_smoke_writes_its_table(tmp_path):
+    result = bench_e2e.main(["--cpu-smoke", "--cells", "2x256", "--rows", "stock-dynamic,ours-eager", "--repeats", "1",
+                             "--new-tokens", "2", "--out", str(tmp_path), "--tag=-test"])
+    rows = {row["row"]: row for row in result["rows"]}
+    assert set(rows) == {"stock-dynamic", "ours-eager"}
+    for row in rows.values():
+        # A noisy CPU may time t(1+n) below t(1); the row then says so instead of reporting it.
+        assert row["status"] == "ok" or row["status"].startswith("noise"), row["status"]
+        assert row["extra"]["tokens_same_first_and_last_call"] and row["extra"]["graphs_compiled_while_timed"] == 0
+        assert len(row["tokens"]) == 2 and all(len(t) == 3 for t in row["tokens"])
+    cell = result["cells"]["B2 S256"]
+    assert 0 < cell["floor_sparse_ms"] <= cell["floor_dense_ms"]
+    saved = json.loads((tmp_path / "bench_e2e-test.json").read_text())
+    assert saved["rows"][0]["cell"] == "B2 S256" and saved["environment"]["transformers"]
+    assert "| B2 S256 |" in (tmp_path / "bench_e2e-test.md").read_text()

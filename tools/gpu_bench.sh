@@ -84,7 +84,7 @@ if [[ " $STAGES " == *" e2e "* ]]; then
   # The script stops starting rows near its deadline; timeout ends a row that overruns it.
   MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
     python3 benchmarks/bench_e2e.py --cells "$E2E_CELLS" "${rows[@]}" $E2E_ARGS --row-margin 60 \
-    --out "$OUT" --tag "$TAG" > "$OUT/e2e$TAG.log" 2>&1
+    --out "$OUT" --tag="$TAG" > "$OUT/e2e$TAG.log" 2>&1
   echo "bench_e2e: rc $? in $(( $(date +%s) - t0 )) s"
   grep -E "^B[0-9]+ " "$OUT/e2e$TAG.log" | tail -40
 fi
@@ -93,7 +93,7 @@ if [[ " $STAGES " == *" decode "* ]]; then
   budget=$(left)
   if [ "$budget" -gt 30 ]; then
     MEMOPS_BENCH_DEADLINE=$((end - 10)) timeout "$budget" \
-      python3 benchmarks/bench_decode.py $DECODE_ARGS --tag "$TAG" > "$OUT/decode$TAG.log" 2>&1
+      python3 benchmarks/bench_decode.py $DECODE_ARGS --tag="$TAG" > "$OUT/decode$TAG.log" 2>&1
     echo "bench_decode: rc $? in $(( $(date +%s) - t0 )) s"
   else
     echo "bench_decode: not run (${budget} s left)"
