@@ -1,4 +1,5 @@
-"""The benchmarks' zero-copy mapping of our cache onto FlashInfer's paged KV, and their floor math.
+"""The benchmarks' own logic: the zero-copy mapping of our cache onto FlashInfer's paged KV, the
+FlashInfer rows of bench_decode/bench_ops, bench_e2e's floor math and its CPU smoke run.
 
 FlashInfer does not run here; ``paged_decode_torch`` computes what FlashInfer's paged decode
 computes from the mapped page table, so that the mapping (views, page ids, last-page lengths)
