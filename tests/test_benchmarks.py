@@ -238,7 +238,8 @@ def test_bench_decode_flashinfer_rows_run_and_agree(cpu_timing):
     assert bench_decode.flashinfer_dense_row(report, "cell", query, keys, values, True) == 1.0
     bench_decode.flashinfer_rows(report, "cell", query, summary, keys, values, kp, 1, 1.0, True)
     assert [r.name.split(",")[0] for r in report.rows] == [
-        "FlashInfer dense decode", "FlashInfer decode", "FlashInfer pipeline (compiled scoring + flashinfer.top_k + decode)"]
+        "FlashInfer dense decode", "FlashInfer decode",
+        "FlashInfer pipeline (compiled scoring + flashinfer.top_k + decode)"]
     assert all("skipped" not in r.extra for r in report.rows), [r.extra for r in report.rows]
     assert report.rows[1].extra["agree"] and report.rows[1].extra["fi_err"] < 1e-2
 

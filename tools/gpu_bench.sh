@@ -56,7 +56,8 @@ export PYTHONPATH="$SITE:$SRC"
 cd "$SRC" || exit 1
 stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
 if [[ " $STAGES " == *" build "* ]]; then
-  if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
+  if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] &&
+     ls build/cuda/_C*.so > /dev/null 2>&1; then
     cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
   else
     t0=$(date +%s)
@@ -111,6 +112,7 @@ if [[ " $STAGES " == *" ops "* ]]; then
   fi
 fi
 echo "total: $(( $(date +%s) - start )) s"
-[ -f "$OUT/bench_decode$TAG.md" ] && grep -E "FlashInfer|memops step, CUDA|cudnn\], CUDA" "$OUT/bench_decode$TAG.md" | cut -c1-160 | tail -24
+[ -f "$OUT/bench_decode$TAG.md" ] &&
+  grep -E "FlashInfer|memops step, CUDA|cudnn\], CUDA" "$OUT/bench_decode$TAG.md" | cut -c1-160 | tail -24
 [ -f "$OUT/bench_e2e$TAG.md" ] && sed -n '/^| cell | floor/,/^$/p' "$OUT/bench_e2e$TAG.md"
 exit 0
