@@ -113,8 +113,8 @@ def flashinfer_dense_row(report, shape, query, k_cache, v_cache, tensor_cores: b
     Hkv, N = k_cache.shape[1], k_cache.shape[2] // PAGE
     nbytes = 2 * k_cache.numel() * k_cache.element_size()
     try:
-        decode = fi.FlashInferDecode(query, k_cache, v_cache, PAGE, *fi.full_page_table(B, Hkv, N, PAGE, "cuda"),
-                                     use_tensor_cores=tensor_cores)
+        table = fi.full_page_table(B, Hkv, N, PAGE, query.device)
+        decode = fi.FlashInferDecode(query, k_cache, v_cache, PAGE, *table, use_tensor_cores=tensor_cores)
         ms = median_ms(graph_replay(decode.run))
     except Exception as error:  # a FlashInfer failure is a result of its own, not the end of the run
         report.add(Row("FlashInfer dense decode, CUDA graph", shape, float("nan"), None,

@@ -101,7 +101,8 @@ ROWS = [
     RowSpec("ours-static-eager", "generate() in hf.enable, static MemopsCache, not compiled", ours=True,
             static=True, compile=False),
     RowSpec("ours-compiled", "generate() in hf.enable, static MemopsCache, auto-compiled", ours=True, static=True),
-    RowSpec("ours-dense-compiled", "the same, method='dense'", ours=True, static=True, method="dense"),
+    RowSpec("ours-dense-compiled", "generate() in hf.enable, static MemopsCache, method='dense', auto-compiled",
+            ours=True, static=True, method="dense"),
 ]
 ROW_NAMES = [row.name for row in ROWS]
 # Run first, for every cell: the rows that the issue's targets compare.
@@ -262,7 +263,7 @@ class RowResult:
 
 
 class Runner:
-    """Runs the rows of one cell."""
+    """Runs one row of one cell: its warm-up, its timed pairs, its checks."""
 
     def __init__(self, model, args, device, dtype):
         self.model, self.args, self.device, self.dtype = model, args, device, dtype
@@ -320,6 +321,7 @@ class Runner:
     def _cache_factory(self, spec: RowSpec, cell: Cell, session, max_cache_len: int):
         """``make()`` -> kwargs giving ``generate()`` a cache holding the random prompt."""
         model = self.model
+
         def prefix():
             return random_layers(model, cell.batch, cell.context, self.dtype, self.device)
 

@@ -72,8 +72,8 @@ def flashinfer_attention_rows(report: Report, shape, query, keys, values, idx, s
         report.add(Row(name, shape, float("nan"), None, skipped(error)))
     name = "FlashInfer dense decode, CUDA graph"
     try:
-        decode = fi.FlashInferDecode(query, keys, values, PAGE, *fi.full_page_table(B, Hkv, N, PAGE, "cuda"),
-                                     use_tensor_cores=tensor_cores)
+        table = fi.full_page_table(B, Hkv, N, PAGE, query.device)
+        decode = fi.FlashInferDecode(query, keys, values, PAGE, *table, use_tensor_cores=tensor_cores)
         report.add(Row(name, shape, median_ms(graph_replay(decode.run)),
                        2 * B * Hkv * N * PAGE * D * ELEM + 2 * B * Hq * D * ELEM, {"tensor_cores": tensor_cores}))
     except Exception as error:

@@ -6,7 +6,7 @@ is one FlashInfer request with ``num_kv_heads = 1`` whose query heads are that h
 (the query ``[B, Hq, D]`` viewed as ``[B * Hkv, G, D]``); page ``index`` of row ``b``, head ``h``
 is page id ``(b * Hkv + h) * N + index``. ``paged_decode_torch`` computes what FlashInfer
 computes from those arrays in plain PyTorch, so that the mapping is tested on the CPU
-(tests/test_bench_flashinfer.py) against ``reference.sparse_apply``.
+(tests/test_benchmarks.py) against ``reference.sparse_apply``.
 
 Everything that needs FlashInfer imports it lazily; ``flashinfer_version()`` is ``None`` when it
 is absent, and the benchmarks then skip the FlashInfer rows and say so.

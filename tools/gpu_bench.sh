@@ -4,7 +4,8 @@
 # budget. Results (JSON, Markdown, logs) go flat under $OUT.
 #
 #   BUDGET_S=500                      whole call, seconds (every stage is cut to fit)
-#   STAGES="build e2e decode"         what to run
+#   STAGES="build e2e decode"         what to run (also "ops": bench_ops.py $OPS_ARGS, FlashInfer rows too)
+#   OPS_ARGS="--quick"
 #   E2E_CELLS="8x32K,1x32K"           bench_e2e cells (all six: 1x8K,8x8K,1x32K,8x32K,1x128K,4x128K)
 #   E2E_ROWS=all                      or a comma-separated subset of bench_e2e's rows
 #   E2E_ARGS="--new-tokens 16 --repeats 3 --warmup 1"
@@ -28,13 +29,13 @@ DECODE_ARGS="${DECODE_ARGS:---issue-cells --no-compile}"
 TAG="${TAG:-}"
 SRC=/tmp/memops-src
 SITE=/tmp/memops-site
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the benchmarks run from the /tmp copy
 start=$(date +%s)
 end=$((start + BUDGET_S - 15))
 left() { echo $((end - $(date +%s))); }
 export PYTHONUNBUFFERED=1 MEMOPS_BENCH_OUT="$OUT"
 export TORCHINDUCTOR_CACHE_DIR=/tmp/memops-inductor TORCHINDUCTOR_COMPILE_THREADS=16
-export FLASHINFER_WORKSPACE_BASE=/tmp/memops-flashinfer
+export FLASHINFER_WORKSPACE_BASE=/tmp/memops-flashinfer MAX_JOBS=16  # FlashInfer JIT cache and nvcc jobs
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 lscpu > "$OUT/lscpu.txt" 2>&1
@@ -55,7 +56,8 @@ export PYTHONPATH="$SITE:$SRC"
 cd "$SRC" || exit 1
 stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
 if [[ " $STAGES " == *" build "* ]]; then
-  if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
+  if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] &&
+     ls build/cuda/_C*.so > /dev/null 2>&1; then
     cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
   else
     t0=$(date +%s)
@@ -83,7 +85,7 @@ if [[ " $STAGES " == *" e2e "* ]]; then
   # The script stops starting rows near its deadline; timeout ends a row that overruns it.
   MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
     python3 benchmarks/bench_e2e.py --cells "$E2E_CELLS" "${rows[@]}" $E2E_ARGS --row-margin 60 \
-    --out "$OUT" --tag "$TAG" > "$OUT/e2e$TAG.log" 2>&1
+    --out "$OUT" --tag="$TAG" > "$OUT/e2e$TAG.log" 2>&1
   echo "bench_e2e: rc $? in $(( $(date +%s) - t0 )) s"
   grep -E "^B[0-9]+ " "$OUT/e2e$TAG.log" | tail -40
 fi
@@ -92,13 +94,25 @@ if [[ " $STAGES " == *" decode "* ]]; then
   budget=$(left)
   if [ "$budget" -gt 30 ]; then
     MEMOPS_BENCH_DEADLINE=$((end - 10)) timeout "$budget" \
-      python3 benchmarks/bench_decode.py $DECODE_ARGS --tag "$TAG" > "$OUT/decode$TAG.log" 2>&1
+      python3 benchmarks/bench_decode.py $DECODE_ARGS --tag="$TAG" > "$OUT/decode$TAG.log" 2>&1
     echo "bench_decode: rc $? in $(( $(date +%s) - t0 )) s"
   else
     echo "bench_decode: not run (${budget} s left)"
   fi
 fi
+if [[ " $STAGES " == *" ops "* ]]; then
+  t0=$(date +%s)
+  budget=$(left)
+  if [ "$budget" -gt 30 ]; then
+    MEMOPS_BENCH_DEADLINE=$((end - 10)) timeout "$budget" \
+      python3 benchmarks/bench_ops.py ${OPS_ARGS:---quick} > "$OUT/ops$TAG.log" 2>&1
+    echo "bench_ops: rc $? in $(( $(date +%s) - t0 )) s"
+  else
+    echo "bench_ops: not run (${budget} s left)"
+  fi
+fi
 echo "total: $(( $(date +%s) - start )) s"
-[ -f "$OUT/bench_decode$TAG.md" ] && grep -E "FlashInfer|memops step, CUDA|cudnn\], CUDA" "$OUT/bench_decode$TAG.md" | cut -c1-160 | tail -24
+[ -f "$OUT/bench_decode$TAG.md" ] &&
+  grep -E "FlashInfer|memops step, CUDA|cudnn\], CUDA" "$OUT/bench_decode$TAG.md" | cut -c1-160 | tail -24
 [ -f "$OUT/bench_e2e$TAG.md" ] && sed -n '/^| cell | floor/,/^$/p' "$OUT/bench_e2e$TAG.md"
 exit 0

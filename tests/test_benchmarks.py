@@ -1,4 +1,5 @@
-"""The benchmarks' zero-copy mapping of our cache onto FlashInfer's paged KV, and their floor math.
+"""The benchmarks' own logic: the zero-copy mapping of our cache onto FlashInfer's paged KV, the
+FlashInfer rows of bench_decode/bench_ops, bench_e2e's floor math and its CPU smoke run.
 
 FlashInfer does not run here; ``paged_decode_torch`` computes what FlashInfer's paged decode
 computes from the mapped page table, so that the mapping (views, page ids, last-page lengths)
@@ -6,6 +7,7 @@ is checked against ``reference.sparse_apply`` on the CPU. On a GPU with FlashInf
 benchmarks compare FlashInfer's own output with ours on the same pages.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -198,3 +200,76 @@ def test_flashinfer_pipeline_glue_is_the_quest_step(fake_flashinfer):
     _, indices = reference.topk_relevancy(query, summary, k, sink_pages=1, recent_pages=2)
     want, _ = reference.sparse_apply(query, keys, values, indices, P)
     torch.testing.assert_close(step(), want, rtol=1e-5, atol=1e-5)
+
+
+class _Rows:
+    """Stands in for common.Report: collects the rows a benchmark adds."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, row):
+        self.rows.append(row)
+        return row
+
+
+@pytest.fixture
+def cpu_timing(monkeypatch, fake_flashinfer):
+    """The benchmarks' FlashInfer rows on the CPU: one untimed call instead of CUDA timing and
+    graphs, the fake FlashInfer, torch.compile left out (its CPU compile is slow and not the point)."""
+    import bench_decode
+    import bench_ops
+
+    for module in (bench_decode, bench_ops):
+        monkeypatch.setattr(module, "median_ms", lambda fn: (fn(), 1.0)[1])
+        monkeypatch.setattr(module, "graph_replay", lambda fn: fn)
+    monkeypatch.setattr(fi.torch, "compile", lambda fn, **kwargs: fn)
+    return bench_decode, bench_ops
+
+
+def test_bench_decode_flashinfer_rows_run_and_agree(cpu_timing):
+    bench_decode, _ = cpu_timing
+    B, Hq, Hkv, D, S, kp = 2, 8, 2, 64, 512, 8
+    keys = torch.randn(B, Hkv, S, D, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    query = torch.randn(B, Hq, D, dtype=torch.bfloat16)
+    summary = reference.prepare_memory(keys, bench_decode.PAGE)
+    report = _Rows()
+    assert bench_decode.flashinfer_dense_row(report, "cell", query, keys, values, True) == 1.0
+    bench_decode.flashinfer_rows(report, "cell", query, summary, keys, values, kp, 1, 1.0, True)
+    assert [r.name.split(",")[0] for r in report.rows] == [
+        "FlashInfer dense decode", "FlashInfer decode",
+        "FlashInfer pipeline (compiled scoring + flashinfer.top_k + decode)"]
+    assert all("skipped" not in r.extra for r in report.rows), [r.extra for r in report.rows]
+    assert report.rows[1].extra["agree"] and report.rows[1].extra["fi_err"] < 1e-2
+
+
+def test_bench_ops_flashinfer_rows_run_and_agree(cpu_timing):
+    _, bench_ops = cpu_timing
+    B, Hq, Hkv, D, S, kp = 2, 8, 2, 64, 512, 8
+    keys = torch.randn(B, Hkv, S, D, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    query = torch.randn(B, Hq, D, dtype=torch.bfloat16)
+    idx = bench_ops.random_pages(B, Hkv, S // bench_ops.PAGE, kp, device="cpu")
+    scores = torch.randn(B, Hkv, S // bench_ops.PAGE)
+    report = _Rows()
+    bench_ops.flashinfer_attention_rows(report, "cell", query, keys, values, idx, scores, kp, kp * bench_ops.PAGE)
+    assert len(report.rows) == 4 and all("skipped" not in r.extra for r in report.rows), [r.extra for r in report.rows]
+    assert report.rows[1].extra["agree"]
+
+
+def test_bench_e2e_cpu_smoke_writes_its_table(tmp_path):
+    result = bench_e2e.main(["--cpu-smoke", "--cells", "2x256", "--rows", "stock-dynamic,ours-eager", "--repeats", "1",
+                             "--new-tokens", "2", "--out", str(tmp_path), "--tag=-test"])
+    rows = {row["row"]: row for row in result["rows"]}
+    assert set(rows) == {"stock-dynamic", "ours-eager"}
+    for row in rows.values():
+        # A noisy CPU may time t(1+n) below t(1); the row then says so instead of reporting it.
+        assert row["status"] == "ok" or row["status"].startswith("noise"), row["status"]
+        assert row["extra"]["tokens_same_first_and_last_call"] and row["extra"]["graphs_compiled_while_timed"] == 0
+        assert len(row["tokens"]) == 2 and all(len(t) == 3 for t in row["tokens"])
+    cell = result["cells"]["B2 S256"]
+    assert 0 < cell["floor_sparse_ms"] <= cell["floor_dense_ms"]
+    saved = json.loads((tmp_path / "bench_e2e-test.json").read_text())
+    assert saved["rows"][0]["cell"] == "B2 S256" and saved["environment"]["transformers"]
+    assert "| B2 S256 |" in (tmp_path / "bench_e2e-test.md").read_text()
