@@ -52,6 +52,10 @@ stdcxx=$(grep -o 'libstdc++.so.6 => [^ ]*' "$OUT/ldd.txt" | head -1)
 locale_syms=$(nm -D --defined-only "$so" | grep -c _ZNSt6locale)
 if [ -n "$stdcxx" ] && [ "$locale_syms" = 0 ]; then r=ok; else r=FAIL; fi
 row "shared libstdc++, no static copy" "$r" "${stdcxx:-no libstdc++ NEEDED}; locale symbols: $locale_syms"
+gomp=$(grep -o 'libgomp[^ ]* => [^ ]*' "$OUT/ldd.txt" | head -1)
+gomp_syms=$(nm -D --defined-only "$so" | grep -c GOMP_parallel)
+row "shared libgomp, no static copy" "$([ -n "$gomp" ] && [ "$gomp_syms" = 0 ] && echo ok || echo FAIL)" \
+  "${gomp:-no libgomp NEEDED}; GOMP symbols: $gomp_syms"
 
 # --- 2. the probe, no LD_PRELOAD ---------------------------------------------------------------
 for probe in "import torch; torch.zeros(2).view(3)" \
