@@ -46,9 +46,10 @@ const bool registered = (register_cuda_value_error_word(&value_error_word_cuda),
 
 int32_t* value_error_word_ptr() {
   const int device = c10::cuda::current_device();
-  const bool capturing =
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  at::Tensor* word = word_of(device, !capturing);
+  at::Tensor* word = word_of(device, false);
+  if (word == nullptr &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
+    word = word_of(device, true);
   return word == nullptr ? nullptr : word->mutable_data_ptr<int32_t>();
 }
 
