@@ -32,7 +32,7 @@ echo "GPU: $(head -1 "$OUT/nvidia-smi.txt"); CXX=${CXX:-unset}; $(${CXX:-c++} --
 # --- build (image defaults: no CXX override) -------------------------------------------------
 t0=$(date +%s)
 # CMAKE_ARGS / JOBS: for a dry run of this script on a machine without a GPU (-DMEMOPS_CUDA=OFF).
-if timeout "$(cap 300 200)" bash -c "cmake -S . -B build/dev -G Ninja \
+if timeout "$(cap "${BUILD_S:-300}" 200)" bash -c "cmake -S . -B build/dev -G Ninja \
      ${CMAKE_ARGS:--DMEMOPS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90} &&
      cmake --build build/dev -j${JOBS:-16}" > "$OUT/build.log" 2>&1; then
   row "build (CUDA, image CXX)" "ok" "$(( $(date +%s) - t0 )) s"
