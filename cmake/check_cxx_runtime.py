@@ -21,18 +21,24 @@ except ValueError as e:
 """
 
 
-def static_runtime_symbols(path: str) -> list[str]:
-    """The std::locale symbols the module defines: only a static libstdc++ brings them."""
+def defined_symbols(path: str, marker: str) -> list[str]:
+    """Dynamic symbols of the module containing `marker` that it defines itself."""
     nm = shutil.which("nm")
     if nm is None:
         return []
     out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True)
-    return [line.split()[-1] for line in out.stdout.splitlines() if "_ZNSt6locale" in line]
+    return [line.split()[-1] for line in out.stdout.splitlines() if marker in line]
 
 
 def main() -> int:
     path = sys.argv[1]
-    symbols = static_runtime_symbols(path)
+    # Only a static libstdc++ / libgomp brings these along.
+    symbols = defined_symbols(path, "_ZNSt6locale")
+    openmp = defined_symbols(path, "GOMP_parallel")
+    if openmp:
+        print(f"torch_memops: warning: {path} defines {openmp[0]}: it embeds a static libgomp, an "
+              "OpenMP runtime of its own next to torch's (threads are not shared)",
+              file=sys.stderr)
     run = subprocess.run([sys.executable, "-c", PROBE, path], capture_output=True, text=True,
                          timeout=300)
     if run.returncode == 0 and run.stdout.strip() == "ok" and not symbols:

@@ -64,4 +64,10 @@ void check_indices_values(const char* op, const at::Tensor& indices, int64_t num
 bool value_checks_enabled();
 void set_value_checks(bool enabled);
 
+// The device-side value-error word of a CUDA device (an int32 tensor of one element that the
+// kernels OR kValueError* bits into, gpu_params.h). The CUDA bindings register the function
+// that returns it; memops_settings::value_error_word calls it.
+using ValueErrorWordFn = at::Tensor (*)(int64_t device_index);
+void register_cuda_value_error_word(ValueErrorWordFn fn);
+
 }  // namespace memops

@@ -22,7 +22,21 @@ std::atomic<bool>& value_checks_flag() {
   return flag;
 }
 
+ValueErrorWordFn& cuda_value_error_word_fn() {
+  static ValueErrorWordFn fn = nullptr;
+  return fn;
+}
+
+at::Tensor value_error_word(int64_t device_index) {
+  TORCH_CHECK(cuda_value_error_word_fn() != nullptr,
+              "memops.value_errors: torch_memops was built without its CUDA kernels; only the "
+              "CUDA backend records value errors (the CPU and fpga raise them)");
+  return cuda_value_error_word_fn()(device_index);
+}
+
 }  // namespace
+
+void register_cuda_value_error_word(ValueErrorWordFn fn) { cuda_value_error_word_fn() = fn; }
 
 bool value_checks_enabled() { return value_checks_flag().load(std::memory_order_relaxed); }
 
@@ -33,6 +47,7 @@ void set_value_checks(bool enabled) {
 TORCH_LIBRARY(memops_settings, m) {
   m.def("set_value_checks(bool enabled) -> ()", &set_value_checks);
   m.def("value_checks() -> bool", &value_checks_enabled);
+  m.def("value_error_word(int device_index) -> Tensor", &value_error_word);
 }
 
 }  // namespace memops

@@ -553,7 +553,7 @@ def _bad_value_calls():
         ("gather/seq_lens-1e6", gather(pad_gather, long_lens), gather(pad_gather, clamped_lens)),
         ("apply/index-1e7-and-neg5", apply(idx_apply), apply(pad_apply)),
         ("apply/seq_lens-1e6", apply(pad_apply, long_lens), apply(pad_apply, clamped_lens)),
-        ("apply/dense-seq_lens-neg", apply(None, neg_lens), apply(None, zero_lens)),
+        ("apply/seq_lens-neg-dense", apply(None, neg_lens), apply(None, zero_lens)),
         ("prepare/seq_lens-1e6", prepare(long_lens), prepare(clamped_lens)),
         ("prepare/seq_lens-neg", prepare(neg_lens), prepare(zero_lens)),
         ("topk/num_pages-over-N", topk(t(N + 5, 1)), topk(t(N, 1))),
@@ -576,6 +576,24 @@ def test_out_of_range_values_follow_the_rule(case):
     if name.startswith(("gather/", "prepare/")):  # data movement and min/max: the CPU's bits
         for g, c in zip(got, as_tuple(fixed("cpu")), strict=True):
             assert torch.equal(g.cpu(), c)
+
+
+# The argument whose bit of the value-error word each bad case sets.
+BAD_VALUE_ARGUMENT = {"index": "indices", "seq_lens": "seq_lens", "num_pages": "num_pages"}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_VALUE_IDS)), ids=BAD_VALUE_IDS)
+def test_value_error_word_records_the_rule(case):
+    name, bad, fixed = _bad_value_calls()[case]
+    torch_memops.value_errors(DEV)  # allocates and clears the word
+    fixed(DEV)
+    assert torch_memops.value_errors(DEV) == set()
+    bad(DEV)
+    want = {arg for key, arg in BAD_VALUE_ARGUMENT.items() if name.split("/")[1].startswith(key)}
+    assert torch_memops.value_errors(DEV, clear=False) == want
+    assert torch_memops.value_error_word(DEV).item() != 0
+    assert torch_memops.value_errors(DEV) == want
+    assert torch_memops.value_errors(DEV) == set()  # cleared
 
 
 @pytest.mark.parametrize("case", range(len(BAD_VALUE_IDS)), ids=BAD_VALUE_IDS)
@@ -614,18 +632,23 @@ def test_rule_on_every_kernel_path(dtype, tensor_cores, monkeypatch):
     bad = idx.clone()
     bad[0, 0, 6], bad[0, 1, 7], bad[1, 0, 8], bad[1, 1, 6] = 10**7, -5, N, -(2**31)
     lens = torch.tensor([S, 100], dtype=torch.int32, device=DEV)
+    torch_memops.value_errors(DEV)
+    want = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+    assert torch_memops.value_errors(DEV) == set()
     got = ops.sparse_apply(query, k_cache, v_cache, bad, P,
                            seq_lens=torch.tensor([10**6, 100], dtype=torch.int32, device=DEV))
-    want = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch_memops.value_errors(DEV) == {"indices", "seq_lens"}
 
     a, b = (torch.randn(B, Hkv, N, D, device=DEV).to(dtype) for _ in range(2))
     summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
     pages = torch.tensor([N + 1000, -7], dtype=torch.int32, device=DEV)
     clamped = torch.tensor([N, 0], dtype=torch.int32, device=DEV)
-    got = ops.topk_relevancy(query, summary, 5, num_pages=pages, sink_pages=1, recent_pages=1)
     want = ops.topk_relevancy(query, summary, 5, num_pages=clamped, sink_pages=1, recent_pages=1)
+    assert torch_memops.value_errors(DEV) == set()
+    got = ops.topk_relevancy(query, summary, 5, num_pages=pages, sink_pages=1, recent_pages=1)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch_memops.value_errors(DEV) == {"num_pages"}
 
 
 def test_checked_mode_is_off_inside_cuda_graph_capture():
@@ -641,11 +664,13 @@ def test_checked_mode_is_off_inside_cuda_graph_capture():
     with torch.cuda.stream(side):
         ops.sparse_apply(query, k_cache, v_cache, static_idx, P)  # warm-up, checked: valid
     torch.cuda.current_stream().wait_stream(side)
+    assert torch_memops.value_errors(DEV) == set()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = ops.sparse_apply(query, k_cache, v_cache, static_idx, P)
     static_idx.copy_(torch.tensor([[[0, 99, 3], [2, 3, -8]]], dtype=torch.int32))
     graph.replay()
+    assert torch_memops.value_errors(DEV) == {"indices"}  # recorded inside the graph
     want_out, want_lse = ops.sparse_apply(
         query, k_cache, v_cache, torch.tensor([[[0, -1, 3], [2, 3, -1]]], dtype=torch.int32,
                                               device=DEV), P)

@@ -54,3 +54,12 @@ def test_cpu_rejects_bad_values_either_way(checked):
         ops.gather_retrieve(memory, torch.tensor([[[0, 9]]], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match=r"`seq_lens\[0\]` = 1000000 is outside \[0, S\] = \[0, 20\]"):
         ops.prepare_memory(memory, 8, seq_lens=torch.tensor([10**6], dtype=torch.int32))
+
+
+def test_value_error_word_is_cuda_only():
+    with pytest.raises(ValueError, match="`device` must be a CUDA device, got cpu"):
+        torch_memops.value_error_word("cpu")
+    if torch._C._dispatch_has_kernel_for_dispatch_key("memops::sparse_apply", "CUDA"):
+        pytest.skip("built with CUDA: tests/test_cuda.py tests the word")
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+        torch.ops.memops_settings.value_error_word(0)

@@ -51,6 +51,12 @@ inline bool value_checks_now() {
          c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
+// The value-error word of the current device (torch_memops.value_errors): one int32 that the
+// kernels OR a bit into when they apply the out-of-range rule. Allocated (zeroed, on the
+// current stream) by the first op on the device that runs outside a CUDA-graph capture, and kept
+// for the process; nullptr before that (the kernels then record nothing).
+int32_t* value_error_word_ptr();
+
 // Blocks that keep every multiprocessor of the current device busy (grid-stride kernels, split
 // planning). The count is read once per device: a host query, no synchronisation.
 inline int grid_limit(int blocks_per_sm) {

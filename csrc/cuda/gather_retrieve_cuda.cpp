@@ -49,6 +49,7 @@ std::tuple<at::Tensor, at::Tensor> gather_retrieve_cuda(const at::Tensor& memory
   p.page_size = page_size;
   p.k = k;
   for (int i = 0; i < 3; ++i) p.memory_stride[i] = memory.stride(i) * memory.element_size();
+  p.value_errors = value_error_word_ptr();
   int unit = 16;
   while (unit > 1 && !unit_fits(p, unit)) unit /= 2;
   check_launch(cuda::launch_gather_retrieve(p, unit, grid_limit(16), current_stream()),

@@ -26,6 +26,7 @@ void summarise_pages(const at::Tensor& keys, at::Tensor& summary, int64_t page_s
   for (int i = 0; i < 3; ++i) p.key_stride[i] = keys.stride(i);
   for (int i = 0; i < 4; ++i) p.summary_stride[i] = summary.stride(i);
   p.mode = mode;
+  p.value_errors = value_error_word_ptr();
   check_launch(cuda::launch_prepare_memory(p, element_type(keys),
                                             allows_vector(keys) && allows_vector(summary),
                                             grid_limit(16), current_stream()),

@@ -52,6 +52,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
     p.k_stride[i] = k_cache.stride(i);
     p.v_stride[i] = v_cache.stride(i);
   }
+  p.value_errors = value_error_word_ptr();
   p.scale = scale.has_value() ? static_cast<float>(*scale)
                               : 1.f / std::sqrt(static_cast<float>(D));
   const bool vectorized = allows_vector(query) && allows_vector(k_cache) &&

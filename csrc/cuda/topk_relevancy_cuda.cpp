@@ -105,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
   sp.k = k;
   sp.sink_pages = sink_pages;
   sp.recent_pages = recent_pages;
+  sp.value_errors = value_error_word_ptr();
   const bool vectorized = allows_vector(summary) && allows_vector(query);
   if (tensor_cores_available() &&
       relevancy_tc_supported(rp, vectorized, query.scalar_type() != at::kFloat)) {

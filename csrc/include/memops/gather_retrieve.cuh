@@ -45,8 +45,17 @@ __global__ void gather_lengths_kernel(GatherRetrieveParams p) {
   const int64_t rows = p.batch * p.heads;
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows;
        r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = r / p.heads, pages = ceil_div(p.tokens, p.page_size);
     int64_t count = 0;
-    for (int64_t j = 0; j < p.k; ++j) count += gather_valid(p, r / p.heads, p.indices[r * p.k + j]);
+    int32_t errors = 0;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int32_t page = p.indices[r * p.k + j];
+      count += gather_valid(p, b, page);
+      if (page < -1 || page >= pages) errors |= kValueErrorIndex;
+    }
+    if (p.seq_lens != nullptr && (p.seq_lens[b] < 0 || p.seq_lens[b] > p.tokens))
+      errors |= kValueErrorSeqLen;
+    gpu::report_value_error(p.value_errors, errors);
     p.lengths[r] = static_cast<int32_t>(count);
   }
 }

@@ -122,5 +122,11 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float warp_sum(float v) { return group_sum(v, kWarpSize); }
 
 
+// ORs `bits` into the value-error word (gpu_params.h), if there is one and a bit is set. Only
+// out-of-range values reach the atomic, so valid inputs pay a compare.
+__device__ __forceinline__ void report_value_error(int32_t* word, int32_t bits) {
+  if (word != nullptr && bits != 0) atomicOr(word, bits);
+}
+
 }  // namespace gpu
 }  // namespace memops

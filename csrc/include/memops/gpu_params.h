@@ -9,6 +9,13 @@
 
 namespace memops {
 
+// Bits of the device-side value-error word (torch_memops.value_errors): a kernel that applies
+// the out-of-range rule of docs/design.md to a value ORs in its bit. Checked once per page or
+// row, never per element.
+constexpr int32_t kValueErrorIndex = 1;     // a page index outside [-1, N)
+constexpr int32_t kValueErrorSeqLen = 2;    // seq_lens outside [0, S]
+constexpr int32_t kValueErrorNumPages = 4;  // num_pages outside [0, N]
+
 // Largest head dim of the GPU kernels (their per-thread slices live in registers).
 constexpr int64_t kGpuMaxDim = 256;
 // Tokens per step of a sparse_apply block, and the most splits of one row.
@@ -26,6 +33,7 @@ struct PrepareMemoryParams {
   int64_t key_stride[3];          // b, h, s (elements); d is dense
   int64_t summary_stride[4];      // b, h, n, r
   SummaryMode mode;
+  int32_t* value_errors;  // the value-error word, or nullptr (record nothing)
 };
 
 struct RelevancyParams {
@@ -47,6 +55,7 @@ struct SelectParams {
   float* top_scores;          // [rows, k]
   int32_t* top_indices;       // [rows, k]
   int64_t heads, pages, k, sink_pages, recent_pages;
+  int32_t* value_errors;  // the value-error word, or nullptr
 };
 
 struct GatherRetrieveParams {
@@ -57,6 +66,7 @@ struct GatherRetrieveParams {
   int32_t* lengths;         // [B, H]
   int64_t batch, heads, tokens, row_bytes, page_size, k;
   int64_t memory_stride[3];  // b, h, s in bytes
+  int32_t* value_errors;     // the value-error word, or nullptr
 };
 
 struct SparseApplyParams {
@@ -79,6 +89,7 @@ struct SparseApplyParams {
   int64_t k_stride[3];      // b, h, s
   int64_t v_stride[3];
   float scale;
+  int32_t* value_errors;    // the value-error word, or nullptr
 };
 
 struct MergeAttentionParams {

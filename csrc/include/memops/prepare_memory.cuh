@@ -23,6 +23,8 @@ __global__ void prepare_memory_kernel(PrepareMemoryParams p) {
     const int64_t h = (i / (slices * pages)) % p.heads;
     const int64_t b = i / (slices * pages * p.heads);
     int64_t length = p.seq_lens == nullptr ? p.tokens : p.seq_lens[b];
+    if (h == 0 && page == p.first_page && slice == 0 && (length < 0 || length > p.tokens))
+      gpu::report_value_error(p.value_errors, kValueErrorSeqLen);
     length = min64(max64(length, 0), p.tokens);
     const int64_t n = page_valid_tokens(page, p.page_size, length);
     const T* src = static_cast<const T*>(p.keys) + b * p.key_stride[0] + h * p.key_stride[1] +

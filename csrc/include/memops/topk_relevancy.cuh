@@ -222,6 +222,12 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
 
 }  // namespace select_detail
 
+// Records a num_pages[b] outside [0, N] in the value-error word (once per selected row).
+__device__ __forceinline__ void report_num_pages(const SelectParams& p, int64_t b) {
+  if (p.num_pages != nullptr && (p.num_pages[b] < 0 || p.num_pages[b] > p.pages))
+    gpu::report_value_error(p.value_errors, kValueErrorNumPages);
+}
+
 // Exact top-k of one (b, kv) row by a block of kThreads threads. Radix select, 11 bits a pass
 // from the top (3 passes), finds the key of the k'-th best candidate (k' = k minus the forced
 // pages) and how many candidates with exactly that key to take (the lowest page indices: ties go
@@ -242,6 +248,7 @@ __device__ void select_topk_row(const SelectParams& p, int64_t row, uint32_t* sh
   const float* scores = p.scores + row * p.pages;
   const int64_t valid = p.num_pages == nullptr ? p.pages
                                                : min64(max64(p.num_pages[b], 0), p.pages);
+  if (threadIdx.x == 0) report_num_pages(p, b);
   const int64_t forced = num_forced_pages(valid, p.sink_pages, p.recent_pages);
   const int64_t candidates = valid - forced;
   const int64_t budget = max64(p.k - forced, 0);
@@ -496,6 +503,7 @@ __device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
   const int64_t b = row / p.heads;
   const int64_t valid = p.num_pages == nullptr ? p.pages
                                                : min64(max64(p.num_pages[b], 0), p.pages);
+  if (threadIdx.x == 0) report_num_pages(p, b);
   const int64_t per_thread = ceil_div(valid, kThreads);
   if (per_thread <= 1) return select_small_row<kThreads, 1>(p, row, valid, shared);
   if (per_thread <= 2) return select_small_row<kThreads, 2>(p, row, valid, shared);
