@@ -15,6 +15,7 @@ from .base import SUMMARY_REPRESENTATIVES, Method, SelectionInputs
 from .dense import Dense
 from .mean import MeanKeys
 from .quest import Quest
+from .quest_int8 import QuestInt8
 
 __all__ = ["METHODS", "Method", "SelectionInputs", "get_method", "register_method"]
 
@@ -44,5 +45,5 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}") from None
 
 
-for _method in (Quest(), MeanKeys(), Dense()):
+for _method in (Quest(), QuestInt8(), MeanKeys(), Dense()):
     register_method(_method)

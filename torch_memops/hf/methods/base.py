@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..config import MemopsConfig
 
 # prepare_memory mode -> representatives per page (R of the summary)
-SUMMARY_REPRESENTATIVES = {"minmax": 2, "mean": 1}
+SUMMARY_REPRESENTATIVES = {"minmax": 2, "mean": 1, "minmax_int8": 2}
 
 
 @dataclasses.dataclass

@@ -1,0 +1,81 @@
+"""The HF cache with method "quest_int8" (int8 summaries, torch_memops/hf/methods/quest_int8.py)
+on tiny random models (CPU): the same attention as dense at full budget, its packed summary
+equal to prepare_memory(mode="minmax_int8") of the layer's keys after prefill and decode steps
+(dynamic and static caches), with the sink and current pages selected."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf import (  # noqa: E402
+    FULL_BUDGET,
+    LOGIT_ATOL,
+    LOGIT_RTOL,
+    PAGE,
+    memops_layers,
+    prompt,
+    teacher_forced_logits,
+    tiny_model,
+)
+from transformers import DynamicCache  # noqa: E402
+
+from torch_memops import hf, ops  # noqa: E402
+from torch_memops.hf.methods.quest_int8 import packed_views  # noqa: E402
+
+
+def test_quest_int8_with_full_budget_matches_dense():
+    model = tiny_model("llama")
+    ids = prompt(length=61)
+    dense = teacher_forced_logits(model, ids, DynamicCache(config=model.config), steps=6)
+    config = hf.MemopsConfig(method="quest_int8", page_size=PAGE, token_budget=FULL_BUDGET)
+    with hf.enable(model, config) as session:
+        pipelined = teacher_forced_logits(model, ids, session.new_cache(), steps=6)
+    torch.testing.assert_close(pipelined, dense, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_quest_int8_summary_and_selection_follow_the_ops(static):
+    model = tiny_model("llama")
+    ids = prompt(length=100)
+    config = hf.MemopsConfig(method="quest_int8", page_size=PAGE, token_budget=5 * PAGE,
+                             dense_layers=1, sink_pages=1, recent_pages=1)
+    with hf.enable(model, config) as session:
+        cache = session.new_cache(max_cache_len=128) if static else session.new_cache()
+        arg = hf.cache_argument(model)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True, **{arg: cache})
+            for _ in range(11):  # crosses a page boundary
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{arg: cache})
+            for layer in memops_layers(cache)[1:]:
+                length = int(layer.seq_lens_host[0])
+                assert length == ids.shape[1] + 11
+                keys = layer.keys[:, :, :length]
+                want = ops.prepare_memory(keys, PAGE, mode="minmax_int8")
+                pages = want.codes.shape[2]
+                got = packed_views(layer.storage.summary[:, :, :pages])
+                assert torch.equal(got.codes, want.codes)
+                assert torch.equal(got.scales, want.scales)
+                if not static:  # the static cache keeps no host-side record of its selection
+                    selection = layer.last_selection
+                    assert selection.shape == (1, 2, 5) and int(selection[0, 0, 0]) == 0
+                    assert bool((selection[..., -1] == (length - 1) // PAGE).all())
+
+
+def test_quest_int8_compiled_static_decode_gives_eager_tokens():
+    from test_hf_static import BACKEND, greedy_loop
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = prompt(length=45)
+    config = hf.MemopsConfig(method="quest_int8", page_size=PAGE, token_budget=3 * PAGE,
+                             dense_layers=1)
+    with hf.enable(model, config) as session:
+        eager = greedy_loop(model, session.new_cache(max_cache_len=72), ids, steps=6)
+        dynamic = greedy_loop(model, session.new_cache(), ids, steps=6)
+        compiled_forward = torch.compile(model.forward, fullgraph=True, backend=BACKEND)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = greedy_loop(model, session.new_cache(max_cache_len=72), ids, steps=6,
+                                   forward=compiled_forward)
+    assert torch.equal(eager, dynamic), "static and dynamic caches select the same pages"
+    assert torch.equal(compiled, eager)

@@ -1,0 +1,70 @@
+"""Quest on a bound-preserving int8 summary: per-page min/max rounded outward to int8 codes with a
+power-of-two scale per page (``prepare_memory(mode="minmax_int8")``), scored by the upper bound
+of q.k. The bound is never below Quest's on the exact summary (``docs/design.md``), and scoring
+reads half the bytes of a 16-bit summary.
+
+Storage: the cache allocates the summary of ``summary_mode`` as a ``[B, Hkv, N, 2, D]`` buffer in
+the keys' dtype; this method keeps its codes and scales inside those bytes (per page, the first
+``D`` bytes of each of the two rows hold the min and max codes, the 4 bytes after the max codes
+the page's float32 scale). So the cache's slicing, growing, device copies and reordering of the
+summary move codes and scales together; the buffer is not smaller than Quest's, only what
+Relevancy reads is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torch_memops import ops, reference
+
+from .base import Method, SelectionInputs
+
+
+def packed_views(summary: Tensor) -> ops.QuantizedSummary:
+    """The codes ``int8 [B, Hkv, N, 2, D]`` and scales ``float32 [B, Hkv, N]`` inside a summary
+    buffer ``[B, Hkv, N, 2, D]`` of a 16- or 32-bit dtype (views: writes reach the buffer)."""
+    dim = summary.shape[-1]
+    if summary.element_size() < 2 or dim % 4 != 0 or summary.stride(-1) != 1:
+        raise ValueError(f"quest_int8: the summary buffer must be a 16- or 32-bit float tensor "
+                         f"with a contiguous head dim divisible by 4, got {summary.dtype} "
+                         f"{tuple(summary.shape)}")
+    raw = summary.view(torch.int8)  # [B, Hkv, N, 2, D * element_size]
+    codes = raw[..., :dim]
+    scales = raw[..., 1, dim:dim + 4].view(torch.float32).squeeze(-1)
+    return ops.QuantizedSummary(codes, scales)
+
+
+class QuestInt8(Method):
+    name = "quest_int8"
+    summary_mode = "minmax_int8"
+
+    def prepare(self, summary, keys, page_size, first_page, seq_lens):
+        ops.prepare_memory_(packed_views(summary), keys, page_size, first_page, mode="minmax_int8",
+                            seq_lens=seq_lens)
+
+    def prepare_decode(self, summary, keys, page_size, seq_lens):
+        # The exact min/max of each row's newest page (as Method.prepare_decode), quantised by
+        # reference.quantize_minmax (pure tensor code, the kernels' codes and scales exactly).
+        batch, heads, capacity, dim = keys.shape
+        lens = seq_lens.to(torch.long)
+        page = (lens - 1).div(page_size, rounding_mode="floor")
+        positions = page[:, None] * page_size + torch.arange(page_size, device=keys.device)
+        valid = (positions < lens[:, None])[:, None, :, None]
+        index = positions.clamp(max=capacity - 1)[:, None, :, None].expand(batch, heads, page_size, dim)
+        tokens = keys.gather(2, index)
+        low = torch.where(valid, tokens, tokens.new_tensor(float("inf"))).amin(dim=2)
+        high = torch.where(valid, tokens, tokens.new_tensor(float("-inf"))).amax(dim=2)
+        codes, scales = reference.quantize_minmax(torch.stack((low, high), dim=2))  # [B, H, 2, D], [B, H]
+        views = packed_views(summary)
+        target = page[:, None, None, None, None].expand(batch, heads, 1, 2, dim)
+        views.codes.scatter_(2, target, codes[:, :, None])
+        views.scales.scatter_(2, page[:, None, None].expand(batch, heads, 1), scales[:, :, None])
+
+    def select(self, inputs: SelectionInputs):
+        cfg = inputs.config
+        _, indices = ops.topk_relevancy(inputs.query, packed_views(inputs.summary), inputs.budget_pages,
+                                        mode="bound", num_pages=inputs.num_pages,
+                                        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages,
+                                        group_reduce=cfg.group_reduce)
+        return indices
