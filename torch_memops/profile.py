@@ -757,7 +757,7 @@ def _table_rows(report: dict) -> List[List[str]]:
     prefill = report["phases"]["prefill"]
     per_token = decode.get("per_token_ms") or {}
     rows = []
-    observed = report["path"].get("decode_steps_observed", True)
+    observed = report["path"].get("decode_steps_observed", True) or "baseline" in report["path"]
     for step in MEMORY_STEPS:
         rows.append([step, _fmt(per_token.get(step)) if observed else "not observed",
                      _fmt(1e3 * prefill["steps_s"][step], 1)])
