@@ -166,7 +166,7 @@ def test_sparse_decode_matches_reference_pipeline():
             query = torch.randn(1, 6, 16)
             got = layer.decode_attention(query, 0.25)
     summary = reference.prepare_memory(layer.keys, PAGE, mode="minmax")
-    torch.testing.assert_close(layer._summary.data[:, :, :summary.shape[2]], summary, atol=0, rtol=0)
+    torch.testing.assert_close(layer.storage.summary[:, :, :summary.shape[2]], summary, atol=0, rtol=0)
     _, indices = reference.topk_relevancy(query, summary, 5, mode="bound", sink_pages=1, recent_pages=1)
     assert torch.equal(layer.last_selection, indices)
     expected, _ = reference.sparse_apply(query, layer.keys, layer.values, indices, PAGE, scale=0.25)

@@ -1,0 +1,132 @@
+"""``MemopsConfig``: the settings of the pipeline, validated when built; device resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+
+from .methods import METHODS, get_method
+
+STEPS = ("prepare", "relevancy", "retrieval", "apply")
+DEVICE_KINDS = ("auto", "cpu", "cuda", "fpga")
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"MemopsConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemopsConfig:
+    """Settings of the memops pipeline.
+
+    Parameters
+    ----------
+    method : str
+        A name of the method registry (:data:`torch_memops.hf.methods.METHODS`): ``"quest"``
+        (per-page min/max of the keys, scored by Quest's upper bound), ``"mean"`` (mean-pooled
+        keys scored by a dot product, InfLLM / SeerAttention-style) or ``"dense"`` (every valid
+        token, through the same cache and kernel; for comparison).
+    page_size : int
+        Tokens per page.
+    token_budget : int
+        Tokens attended per decode step and kv head in the sparse layers; ``token_budget //
+        page_size`` pages are selected.
+    sink_pages, recent_pages : int
+        Pages at the start and end of each row that are always selected (they count toward the
+        budget). ``recent_pages >= 1``: the page holding the current token is always attended.
+    dense_layers : int
+        Leading layers that keep dense attention (Quest keeps the first two).
+    group_reduce : {"max", "sum"}
+        How the query heads of a GQA group share one selection.
+    placement : mapping
+        Device of each step in ``("prepare", "relevancy", "retrieval", "apply")``: ``"auto"``
+        (the model's device, the default), ``"cpu"``, ``"cuda"`` or ``"fpga"``. The keys and
+        values of the sparse layers live on the ``retrieval`` device, the page summaries on the
+        ``prepare`` device. ``apply`` cannot be ``"fpga"``: the FPGA backend has no attention
+        kernel.
+    """
+
+    method: str = "quest"
+    page_size: int = 16
+    token_budget: int = 1024
+    sink_pages: int = 1
+    recent_pages: int = 1
+    dense_layers: int = 2
+    group_reduce: str = "max"
+    placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"MemopsConfig.method must be one of {sorted(METHODS)}, got {self.method!r}")
+        _require_int("page_size", self.page_size, 1)
+        _require_int("token_budget", self.token_budget, 1)
+        _require_int("sink_pages", self.sink_pages, 0)
+        _require_int("recent_pages", self.recent_pages, 1)
+        _require_int("dense_layers", self.dense_layers, 0)
+        forced_tokens = (self.sink_pages + self.recent_pages) * self.page_size
+        if self.token_budget < forced_tokens:
+            raise ValueError(
+                f"MemopsConfig.token_budget ({self.token_budget}) is smaller than (sink_pages + "
+                f"recent_pages) * page_size = ({self.sink_pages} + {self.recent_pages}) * "
+                f"{self.page_size} = {forced_tokens}, the tokens that are always selected"
+            )
+        if self.group_reduce not in ("max", "sum"):
+            raise ValueError(f"MemopsConfig.group_reduce must be 'max' or 'sum', got {self.group_reduce!r}")
+        if not isinstance(self.placement, Mapping):
+            raise ValueError(f"MemopsConfig.placement must be a mapping step -> device, got {self.placement!r}")
+        for step, kind in self.placement.items():
+            if step not in STEPS:
+                raise ValueError(f"MemopsConfig.placement: unknown step {step!r}; the steps are {STEPS}")
+            if kind not in DEVICE_KINDS:
+                raise ValueError(
+                    f"MemopsConfig.placement[{step!r}] must be one of {DEVICE_KINDS}, got {kind!r}"
+                )
+        if self.placement.get("apply") == "fpga":
+            raise ValueError(
+                "MemopsConfig.placement['apply'] cannot be 'fpga': the FPGA backend offers "
+                "prepare_memory, topk_relevancy and gather_retrieve only; place apply on 'cpu' or 'cuda'"
+            )
+        object.__setattr__(self, "placement", {step: self.placement.get(step, "auto") for step in STEPS})
+
+    @property
+    def budget_pages(self) -> int:
+        """Pages selected per decode step and kv head."""
+        return self.token_budget // self.page_size
+
+    @property
+    def method_impl(self):
+        """The registered :class:`~torch_memops.hf.methods.Method` that ``method`` names."""
+        return get_method(self.method)
+
+
+def resolve_device(kind: str, model_device: torch.device) -> torch.device:
+    """The device a placement entry names, given the device the model computes on."""
+    if kind == "auto":
+        return model_device
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if model_device.type == "cuda":
+            return model_device
+        if not torch.cuda.is_available():
+            raise RuntimeError("MemopsConfig.placement names 'cuda', but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    if not fpga_available():
+        raise RuntimeError(
+            "MemopsConfig.placement names 'fpga', but the FPGA device is not available: "
+            "torch_memops.fpga is not importable or did not register torch.device('fpga')"
+        )
+    return torch.device("fpga", 0)
+
+
+def fpga_available() -> bool:
+    """Whether ``torch_memops.fpga`` imports and tensors can be created on ``torch.device("fpga")``."""
+    try:
+        import torch_memops.fpga  # noqa: F401
+        torch.empty(1, device="fpga")
+    except (ImportError, RuntimeError):
+        return False
+    return True

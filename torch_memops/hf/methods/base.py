@@ -1,0 +1,106 @@
+"""The method interface: a method is its page summary, its Prepare and its Relevancy.
+
+A method subclasses :class:`Method`, sets ``name`` and ``summary_mode`` and implements
+:meth:`Method.select`; ``methods/__init__.py`` registers it. The cache calls :meth:`Method.prepare`
+on the prefill (and on multi-token chunks), :meth:`Method.prepare_decode` after each decode token
+and :meth:`Method.select` in each decode step of a sparse layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from torch_memops import ops
+
+if TYPE_CHECKING:
+    from ..config import MemopsConfig
+
+# prepare_memory mode -> representatives per page (R of the summary)
+SUMMARY_REPRESENTATIVES = {"minmax": 2, "mean": 1}
+
+
+@dataclasses.dataclass
+class SelectionInputs:
+    """What a method sees in one decode step of one sparse layer.
+
+    ``keys`` is the layer's key buffer ``[B, Hkv, S, D]`` (a static cache passes its whole
+    capacity; only each row's first ``seq_lens[b]`` tokens are valid). ``summary`` is
+    ``[B, Hkv, N, R, D]`` on the relevancy device (``None`` when the method has no summary), of
+    which each row's first ``num_pages[b]`` pages are valid.
+    """
+
+    query: Tensor
+    keys: Tensor
+    summary: Optional[Tensor]
+    seq_lens: Tensor
+    num_pages: Tensor
+    budget_pages: int
+    page_size: int
+    scale: float
+    config: "MemopsConfig"
+    layer_idx: int
+
+
+class Method:
+    """Base class of the selection methods of the registry.
+
+    Attributes
+    ----------
+    name : str
+        Registry key (``MemopsConfig(method=name)``).
+    summary_mode : str or None
+        ``prepare_memory`` mode of the page summary (``"minmax"``, ``"mean"``), or ``None``: the
+        method keeps no summary.
+    compileable : bool
+        Whether :meth:`select` runs without host synchronisation, so that a static cache can be
+        compiled and captured with it (an evaluation-only oracle may say ``False``).
+    """
+
+    name: str = ""
+    summary_mode: Optional[str] = "minmax"
+    compileable: bool = True
+
+    @property
+    def representatives(self) -> int:
+        """``R`` of the summary (0 without one)."""
+        return 0 if self.summary_mode is None else SUMMARY_REPRESENTATIVES[self.summary_mode]
+
+    def prepare(self, summary: Tensor, keys: Tensor, page_size: int, first_page: int, seq_lens: Tensor) -> None:
+        """Prepare Memory after a prefill or a chunk: recompute pages ``first_page ..`` in place."""
+        ops.prepare_memory_(summary, keys, page_size, first_page, mode=self.summary_mode, seq_lens=seq_lens)
+
+    def prepare_decode(self, summary: Tensor, keys: Tensor, page_size: int, seq_lens: Tensor) -> None:
+        """Prepare Memory after a decode token: recompute the page holding each row's newest token.
+
+        ``seq_lens`` already counts the new token. Pure tensor code with no host synchronisation
+        (the page differs per row), so a compiled or captured decode step can run it; it gives
+        the summary of :func:`torch_memops.ops.prepare_memory` for that page (minmax exactly,
+        mean up to float32 summation order).
+        """
+        batch, heads, capacity, dim = keys.shape
+        lens = seq_lens.to(torch.long)
+        page = (lens - 1).div(page_size, rounding_mode="floor")
+        positions = page[:, None] * page_size + torch.arange(page_size, device=keys.device)
+        valid = (positions < lens[:, None])[:, None, :, None]
+        index = positions.clamp(max=capacity - 1)[:, None, :, None].expand(batch, heads, page_size, dim)
+        tokens = keys.gather(2, index)
+        if self.summary_mode == "minmax":
+            low = torch.where(valid, tokens, tokens.new_tensor(float("inf"))).amin(dim=2)
+            high = torch.where(valid, tokens, tokens.new_tensor(float("-inf"))).amax(dim=2)
+            page_summary = torch.stack((low, high), dim=2)
+        else:
+            total = torch.where(valid, tokens.float(), 0.0).sum(dim=2)
+            count = valid.sum(dim=2).clamp(min=1)
+            page_summary = (total / count).to(summary.dtype)[:, :, None]
+        reps = page_summary.shape[2]
+        target = page[:, None, None, None, None].expand(batch, heads, 1, reps, dim)
+        summary.scatter_(2, target, page_summary[:, :, None])
+
+    def select(self, inputs: SelectionInputs) -> Optional[Tensor]:
+        """Relevancy + top-k: ``int32 [B, Hkv, k]`` (or ``[B, Hq, k]``) page indices, ascending,
+        ``-1`` padded at the end, ``k = inputs.budget_pages``; or ``None``: every valid token."""
+        raise NotImplementedError(f"method {self.name!r} does not implement select()")
