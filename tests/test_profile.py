@@ -26,18 +26,22 @@ def tiny_llama(layers=4):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def profiled_generate(placement=None, meters=None, length=150, sync=False):
+def profiled_generate(placement=None, meters=None, length=150, sync=False, through_session=False):
     model = tiny_llama()
     ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(1))
     config = hf.MemopsConfig(page_size=PAGE, token_budget=4 * PAGE, dense_layers=1, placement=placement or {})
     with hf.enable(model, config) as session:
-        cache = session.new_cache()
+        cache = None if through_session else session.new_cache()
         with Profiler(label="tiny", meters=meters, sync=sync) as prof:
-            prof.attach(cache)
+            prof.attach(session if through_session else cache)
+            kwargs = {} if through_session else {hf.cache_argument(model): cache}
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                min_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=[prof.token_clock()],
-                               **{hf.cache_argument(model): cache})
+                               **kwargs)
+        if through_session:
+            assert "new_cache" not in vars(session), "the session is restored when the profiler exits"
+            cache = session.active_cache
     return prof, cache
 
 
@@ -54,8 +58,9 @@ class LinearMeter(profile.EnergyMeter):
         return self.watts * time.perf_counter()
 
 
-def test_breakdown_adds_up_per_phase_layer_and_token():
-    prof, cache = profiled_generate()
+@pytest.mark.parametrize("through_session", [False, True], ids=["cache", "session"])
+def test_breakdown_adds_up_per_phase_layer_and_token(through_session):
+    prof, cache = profiled_generate(through_session=through_session)
     report = prof.report()
     profile.validate_report(report)
     decode = report["phases"]["decode"]

@@ -352,7 +352,7 @@ class Profiler:
         self._given_meters = meters
         self.meters: Dict[str, EnergyMeter] = {}
         self.path: Dict[str, object] = {}
-        self._targets: list = []
+        self._detach: list = []
         self._reset()
 
     # -- the hook interface ----------------------------------------------------------------
@@ -389,20 +389,32 @@ class Profiler:
         return _LayerHook(self, layer_idx, layer)
 
     def attach(self, target) -> "Profiler":
-        """Attach to a memops session, cache, or cache layers: sets their ``profile`` hook.
+        """Attach to a memops cache, a session, or anything with a ``profile`` hook attribute.
 
-        A cache (or a session's caches, made after this call) gets one per-layer hook per layer,
-        so the report has a per-layer breakdown; anything else with a ``profile`` attribute gets
-        the profiler itself. The attribute is cleared again when the profiler's context exits.
+        A cache (anything with ``layers``) gets one per-layer hook per layer, so the report has a
+        per-layer breakdown and each step is timed on the device its layer places it on. A session
+        (anything with ``new_cache``) has each cache it makes from now on attached the same way,
+        ``generate()``'s included. Anything else gets the profiler itself as ``target.profile``.
+        Everything is detached when the profiler's context exits.
         """
         layers = getattr(target, "layers", None)
         if layers is not None:
             for i, layer in enumerate(layers):
-                layer.profile = self.for_layer(i, layer)
-                self._targets.append(layer)
-        if hasattr(target, "profile") or layers is None:
+                layer.profile = self.for_layer(getattr(layer, "layer_idx", i), layer)
+                self._detach.append(lambda layer=layer: setattr(layer, "profile", None))
+        elif callable(getattr(target, "new_cache", None)):
+            make = target.new_cache
+
+            def new_cache(*args, **kwargs):
+                cache = make(*args, **kwargs)
+                self.attach(cache)
+                return cache
+
+            target.new_cache = new_cache
+            self._detach.append(lambda: target.__dict__.pop("new_cache", None))
+        else:
             target.profile = self
-            self._targets.append(target)
+            self._detach.append(lambda: setattr(target, "profile", None))
         self._note_path(target)
         return self
 
@@ -446,11 +458,9 @@ class Profiler:
         self._running = False
         self._drain()
         self._close_progress()
-        for target in self._targets:
-            for name in ("profile",):
-                if getattr(target, name, None) is not None:
-                    setattr(target, name, None)
-        self._targets = []
+        for detach in reversed(self._detach):
+            detach()
+        self._detach = []
         return False
 
     # -- results --------------------------------------------------------------------------------

@@ -127,18 +127,17 @@ def _generate(workload: Workload, new_tokens: int, processors=(), **kwargs):
 
 
 def _memops_generate(workload: Workload, config, new_tokens: int, prof: Optional[Profiler], path: str):
+    """generate() inside ``hf.enable``; the profiler is attached to every cache the session makes."""
     from torch_memops import hf
 
     with hf.enable(workload.model, config) as session:
-        processors = [prof.token_clock()] if prof is not None else []
-        if path == "compiled":
-            if prof is not None:
-                prof.set_path("compiled", requested="generate(cache_implementation='static')")
-            return _generate(workload, new_tokens, processors, cache_implementation="static")
-        cache = session.new_cache()
+        processors = []
         if prof is not None:
-            prof.attach(cache)
-        return _generate(workload, new_tokens, processors, **{hf.cache_argument(workload.model): cache})
+            prof.attach(session)
+            processors.append(prof.token_clock())
+        if path == "compiled":
+            return _generate(workload, new_tokens, processors, cache_implementation="static")
+        return _generate(workload, new_tokens, processors)
 
 
 def profile_run(workload: Workload, config, new_tokens: int, *, label: str, sync: bool = False,
