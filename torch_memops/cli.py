@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("profile", help="where time and energy go: the four steps vs the rest of the model",
                               description=workload.PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload.add_profile_arguments(sub)
+    from torch_memops import plan
+
+    sub = commands.add_parser("plan", help="ranked placements of the four steps, predicted from calibrated costs",
+                              description=plan.PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_plan_arguments(sub)
     return parser
 
 
@@ -183,6 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from torch_memops import workload
 
         result = workload.profile_command(args)
+    elif args.command == "plan":
+        from torch_memops import plan
+
+        result = plan.plan_command(args)
     else:
         result = run_demo(args)
     if args.json is not None:

@@ -60,6 +60,9 @@ class Workload:
         return self.input_ids.shape[0]
 
 
+_SMOLLM2: dict = {}
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -89,7 +92,10 @@ def load_workload(model: str, context: int, batch: int, device: str, dtype: Opti
     if model == "smollm2":
         if num_layers is not None:
             raise ValueError("--num-layers applies to llama-8b-random only")
-        net, tokenizer = cli.load_smollm2(dtype=dtype, device=str(target))
+        key = (dtype, str(target))
+        if key not in _SMOLLM2:  # one load per process: the GGUF conversion takes seconds
+            _SMOLLM2[key] = cli.load_smollm2(dtype=dtype, device=str(target))
+        net, tokenizer = _SMOLLM2[key]
         ids = torch.tensor(cli.english_tokens(tokenizer, context))[None]
         name = "SmolLM2-135M-Instruct"
     elif model == "llama-8b-random":
@@ -239,6 +245,7 @@ def add_common_arguments(sub) -> None:
     sub.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                      help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     sub.add_argument("--num-layers", type=int, help="layers of llama-8b-random (default: 32)")
+    sub.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
     sub.add_argument("--json", type=Path, help="write the full result as JSON to this file")
 
 
@@ -276,6 +283,8 @@ def profile_command(args) -> dict:
     """``torch-memops profile``: dense baseline and memops run, table, JSON, PNG."""
     from torch_memops import profile
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     placement = parse_placement(args.placement)
     config = memops_config(args, placement)
     dtype = getattr(torch, args.dtype) if args.dtype else None
