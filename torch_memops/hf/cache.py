@@ -284,8 +284,13 @@ def cache_classes() -> Dict[str, type]:
                                                           max_cache_len=max_cache_len)
                                          for i in range(num_layers)])
                 self.memops_config = config
-                self.max_cache_len = max_cache_len
+                self.static_capacity = max_cache_len
                 self.session = session
+
+            @property
+            def max_cache_len(self) -> Optional[int]:
+                """Capacity of the static form (``None``: dynamic)."""
+                return self.static_capacity
 
             def update(self, key_states, value_states, layer_idx, *args, **kwargs):
                 if self.session is not None:

@@ -123,7 +123,7 @@ def _replace_generated_cache(session: Session, prepare_cache):
             if type(made) is DynamicCache:
                 model_kwargs[name] = session.new_cache()
             elif type(made) is StaticCache:
-                model_kwargs[name] = session.new_cache(max_cache_len=made.get_max_cache_shape())
+                model_kwargs[name] = session.new_cache(max_cache_len=made.get_max_length())
         return result
 
     return prepare_cache_for_generation

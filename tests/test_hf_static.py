@@ -1,0 +1,190 @@
+"""The static, compileable MemopsCache (CPU): same tokens as the dynamic cache and the stock model,
+a decode step that compiles with fullgraph=True, and no host synchronisation in a decode step."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from host_sync import HostSyncError, forbid_host_sync  # noqa: E402
+from test_hf import FULL_BUDGET, PAGE, prompt, tiny_model  # noqa: E402
+
+from torch_memops import hf  # noqa: E402
+
+# aot_eager runs Dynamo (graph breaks, guards), AOT autograd and functionalization over the ops'
+# fake kernels, which is what can fail in our code; inductor adds code generation for the dense
+# layers only and takes ~80 s on a 2-core CPU (tools/gpu_hf.sh compiles with inductor on the GPU).
+BACKEND = "aot_eager"
+
+
+def left_padded(batch_lengths, length):
+    ids = prompt(batch=len(batch_lengths), length=length)
+    mask = torch.ones_like(ids)
+    for row, valid in enumerate(batch_lengths):
+        ids[row, :length - valid] = 0
+        mask[row, :length - valid] = 0
+    return ids, mask
+
+
+def greedy_loop(model, cache, input_ids, steps, forward=None, attention_mask=None):
+    """Prefill eagerly, then `steps` greedy one-token forwards through `forward` (default: eager)."""
+    forward = forward or model.forward
+    arg = hf.cache_argument(model)
+    mask = attention_mask
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **{arg: cache})
+        tokens = [out.logits[:, -1:].argmax(-1)]
+        for _ in range(steps):
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = forward(input_ids=tokens[-1], attention_mask=mask, use_cache=True, **{arg: cache})
+            tokens.append(out.logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+@pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(num_beams=3, do_sample=False),
+                                    dict(do_sample=True, top_k=0)], ids=["greedy", "beam", "sample"])
+def test_static_dynamic_and_stock_generate_agree_at_full_budget(family, kwargs):
+    model = tiny_model(family)
+    ids, mask = left_padded([50, 31, 9], 50)
+    config = hf.MemopsConfig(page_size=PAGE, token_budget=FULL_BUDGET)
+    results = {}
+    with torch.no_grad():
+        for name in ("stock", "dynamic", "static"):
+            torch.manual_seed(5)
+            static = dict(cache_implementation="static") if name == "static" else {}
+            if name == "stock":
+                results[name] = model.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs)
+                continue
+            with hf.enable(model, config):
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True,
+                                     **kwargs, **static)
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            assert type(cache).__name__ == "MemopsCache"
+            assert cache.is_compileable == (name == "static")
+            results[name] = out.sequences
+    assert torch.equal(results["dynamic"], results["stock"])
+    assert torch.equal(results["static"], results["stock"])
+
+
+def test_static_cache_keeps_fixed_buffers_and_device_lengths():
+    model = tiny_model("llama")
+    ids, mask = left_padded([40, 17], 40)
+    with hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE, dense_layers=1)) as session:
+        cache = session.new_cache(max_cache_len=64)
+        greedy_loop(model, cache, ids, steps=1, attention_mask=mask)
+        layer = cache.layers[2]
+        pointers = [t.data_ptr() for t in layer.storage.buffers()]
+        assert layer.keys.shape == (2, 2, 64, 16), "a static layer attends over its whole capacity"
+        assert layer.storage.summary.shape == (2, 2, 8, 2, 16)
+        greedy_loop_tail = greedy_loop(model, cache, ids[:, -1:], steps=0)  # one more decode step
+        assert greedy_loop_tail.shape == (2, 1)
+        assert [t.data_ptr() for t in layer.storage.buffers()] == pointers, "no reallocation"
+        assert layer.seq_lens_host.tolist() == [42, 19]
+        assert int(layer.get_seq_length()) == 42, "transformers sees the padded length"
+    with pytest.raises(ValueError, match="max_cache_len=64 tokens; the prefill has 70"):
+        with hf.enable(model) as session:
+            greedy_loop(model, session.new_cache(max_cache_len=64), prompt(length=70), steps=0)
+
+
+@pytest.mark.parametrize("method", ["quest", "mean", "dense"])
+def test_compiled_decode_step_has_no_graph_break_and_gives_eager_tokens(method):
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = prompt(length=45)
+    config = hf.MemopsConfig(method=method, page_size=PAGE, token_budget=3 * PAGE, dense_layers=1)
+    with hf.enable(model, config) as session:
+        eager = greedy_loop(model, session.new_cache(max_cache_len=72), ids, steps=6)
+        dynamic = greedy_loop(model, session.new_cache(), ids, steps=6)
+        compiled_forward = torch.compile(model.forward, fullgraph=True, backend=BACKEND)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = greedy_loop(model, session.new_cache(max_cache_len=72), ids, steps=6, forward=compiled_forward)
+    assert torch.equal(eager, dynamic), "static and dynamic caches select the same pages"
+    assert torch.equal(compiled, eager)
+
+
+def test_generate_auto_compiles_decode_with_the_static_cache():
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = prompt(length=45)
+    compile_config = transformers.CompileConfig(fullgraph=True, backend=BACKEND)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    config = hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE, dense_layers=1)
+    with torch.no_grad(), hf.enable(model, config):
+        eager = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                               disable_compile=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                                      compile_config=compile_config)
+    assert hasattr(model, "_compiled_call"), "generate() took its compiled path"
+    assert torch.equal(compiled, eager)
+
+
+def _decode_ready(model, cache, ids, mask=None):
+    greedy_loop(model, cache, ids, steps=1, attention_mask=mask)
+    return prompt(batch=ids.shape[0], length=1, seed=9)
+
+
+def test_static_decode_step_makes_no_host_sync():
+    model = tiny_model("llama")
+    ids, mask = left_padded([45, 20], 45)
+    arg = hf.cache_argument(model)
+    with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE)) as session:
+        cache = session.new_cache(max_cache_len=64)
+        token = _decode_ready(model, cache, ids, mask)
+        mask = torch.ones(2, 47, dtype=torch.long)
+        mask[1, :25] = 0
+        with forbid_host_sync() as ops:
+            model(input_ids=token, attention_mask=mask, use_cache=True, **{arg: cache})
+    assert ops.count("memops::topk_relevancy") == 2, "the two sparse layers selected pages under the check"
+    assert ops.count("memops::sparse_apply") == 4
+
+
+def test_the_host_sync_check_catches_a_scalar_read():
+    """The check is not vacuous: one .item() in the decode path, or the dynamic cache's host
+    bookkeeping, makes it fail."""
+    model = tiny_model("llama")
+    ids = prompt(length=45)
+    arg = hf.cache_argument(model)
+    with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE)) as session:
+        cache = session.new_cache()
+        token = _decode_ready(model, cache, ids)
+        with pytest.raises(HostSyncError, match="Tensor.__int__"):
+            with forbid_host_sync():
+                model(input_ids=token, use_cache=True, **{arg: cache})
+
+        cache = session.new_cache(max_cache_len=64)
+        token = _decode_ready(model, cache, ids)
+        layer = cache.layers[3]
+        original = layer.decode_attention
+
+        def decode_with_a_read(query, scale):
+            layer.seq_lens_on(query.device).max().item()
+            return original(query, scale)
+
+        layer.decode_attention = decode_with_a_read
+        with pytest.raises(HostSyncError, match="Tensor.item"):
+            with forbid_host_sync():
+                model(input_ids=token, use_cache=True, **{arg: cache})
+        for method in ("tolist", "cpu"):
+            with pytest.raises(HostSyncError, match=f"Tensor.{method}"):
+                with forbid_host_sync():
+                    getattr(torch.arange(3), method)()
+        with pytest.raises(HostSyncError, match="boolean mask"):
+            with forbid_host_sync():
+                torch.arange(3)[torch.arange(3) > 0]
+
+
+def test_static_cache_refuses_what_it_cannot_hold():
+    model = tiny_model("llama")
+    with hf.enable(model) as session:
+        with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+            session.new_cache(max_cache_len=0)
+    config = hf.MemopsConfig(page_size=PAGE, placement={"relevancy": "fpga" if hf.fpga_available() else "cpu",
+                                                        "retrieval": "cpu"})
+    if not hf.fpga_available():
+        pytest.skip("needs a second device (the FPGA emulation) to place a step elsewhere")
+    with hf.enable(model, config) as session:
+        with pytest.raises(ValueError, match="keeps every step on one device"):
+            greedy_loop(model, session.new_cache(max_cache_len=128), prompt(length=20), steps=0)
