@@ -280,3 +280,26 @@ def test_png_has_one_bar_per_configuration(tmp_path):
     path = tmp_path / "breakdown.png"
     profile.save_png([report, other], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compiled_generate_is_reported_as_compiled():
+    """generate() with the static cache under torch.compile(fullgraph=True): the hooks must not break
+    the graph, prefill steps are still timed (eager), and decode is reported compiled, not eager."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(1))
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE,
+                                                           dense_layers=1)) as session:
+        with Profiler(energy=False) as prof:
+            prof.attach(session)
+            model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                           compile_config=compile_config, logits_processor=[prof.token_clock()])
+    assert hasattr(model, "_compiled_call"), "generate() took its compiled path"
+    report = prof.report()
+    profile.validate_report(report)
+    assert report["path"]["decode"] == "compiled" and report["path"]["cache_compileable"] is True
+    assert not report["path"]["decode_steps_observed"]
+    assert report["phases"]["prefill"]["steps_s"]["prepare"] > 0
+    assert report["phases"]["decode"]["tokens"] == 4 and report["phases"]["decode"]["time_s"] > 0

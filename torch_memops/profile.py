@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -255,17 +256,8 @@ class _Step:
         return False
 
 
-class _NullStep:
-    __slots__ = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL_STEP = _NullStep()
+# What a step returns while nothing is recorded (also inside torch.compile, which can enter it).
+_NULL_STEP = contextlib.nullcontext()
 
 
 class _LayerHook:
