@@ -189,9 +189,9 @@ def test_nvml_degrades_without_driver_and_reads_millijoules(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(millijoules=12_345))
     meter = profile.NvmlEnergy("cuda:0")
     assert meter.available and meter.read() == pytest.approx(12.345)
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails: the ctypes path, no driver here
     meter = profile.NvmlEnergy("cuda:0")
-    assert not meter.available and "nvidia-ml-py" in meter.reason
+    assert not meter.available and ("nvidia-ml-py" in meter.reason or meter.reason.startswith("NVML"))
 
 
 def test_compiled_decode_is_reported_as_compiled_not_as_eager():

@@ -86,11 +86,46 @@ def _nvml_index(device: torch.device) -> Optional[str]:
     return f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
 
 
+class _CtypesNvml:
+    """The three NVML calls the meter needs, through the driver's ``libnvidia-ml.so.1`` (no pynvml)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        import ctypes
+
+        self._ctypes = ctypes
+        self._lib = ctypes.CDLL("libnvidia-ml.so.1")
+
+    def _check(self, code: int) -> None:
+        if code != 0:
+            raise self.NVMLError(f"NVML error {code}")
+
+    def nvmlInit(self):
+        self._check(self._lib.nvmlInit_v2())
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id: str):
+        handle = self._ctypes.c_void_p()
+        self._check(self._lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), self._ctypes.byref(handle)))
+        return handle
+
+    def nvmlDeviceGetHandleByIndex(self, index: int):
+        handle = self._ctypes.c_void_p()
+        self._check(self._lib.nvmlDeviceGetHandleByIndex_v2(self._ctypes.c_uint(index), self._ctypes.byref(handle)))
+        return handle
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle) -> int:
+        value = self._ctypes.c_ulonglong()
+        self._check(self._lib.nvmlDeviceGetTotalEnergyConsumption(handle, self._ctypes.byref(value)))
+        return value.value
+
+
 class NvmlEnergy(EnergyMeter):
     """NVML's total-energy counter (``nvmlDeviceGetTotalEnergyConsumption``, millijoules) of a GPU.
 
-    Needs ``nvidia-ml-py`` (module ``pynvml``) and a Volta or newer GPU; degrades to
-    ``available = False`` with the reason otherwise.
+    Uses ``pynvml`` (``nvidia-ml-py``) when importable, else the driver's ``libnvidia-ml.so.1``
+    through ctypes; needs a Volta or newer GPU. Degrades to ``available = False`` with the reason.
     """
 
     source = "nvml"
@@ -101,8 +136,11 @@ class NvmlEnergy(EnergyMeter):
         try:
             import pynvml
         except ImportError:
-            self.reason = "pynvml is not importable (pip install nvidia-ml-py)"
-            return
+            try:
+                pynvml = _CtypesNvml()
+            except OSError:
+                self.reason = "neither pynvml (pip install nvidia-ml-py) nor libnvidia-ml.so.1 is loadable"
+                return
         self._pynvml = pynvml
         try:
             pynvml.nvmlInit()
