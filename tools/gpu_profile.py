@@ -12,6 +12,7 @@ Writes profile_<context>_<batch>.json, plan.json and summary.md under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,15 +32,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--plan-devices", default="cuda,cpu")
     parser.add_argument("--validate", type=int, default=3)
+    parser.add_argument("--model", default="llama-8b-random")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--num-layers", type=int)
     parser.add_argument("--deadline", type=float, default=0.0, help="unix time after which no new stage starts")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.time()
-    work = workload.load_workload("llama-8b-random", contexts[0], 1, "cuda")
+    work = workload.load_workload(args.model, contexts[0], 1, args.device, num_layers=args.num_layers)
+    dev = work.device.type
+    dtype = next(work.model.parameters()).dtype
     print(f"model: {work.name}, loaded in {time.time() - t0:.1f} s", flush=True)
     config = hf.MemopsConfig(method="quest", page_size=16, token_budget=args.budget, dense_layers=2)
+    config = dataclasses.replace(config, token_budget=min(args.budget, max(contexts[0] // 2, 64)))
     rows, reports = [], []
     for context in contexts:
         for batch in batches:
@@ -47,7 +54,7 @@ def main() -> None:
                 print(f"skipped {context}x{batch}: deadline", flush=True)
                 continue
             ids = torch.randint(0, work.model.config.vocab_size, (1, context),
-                                generator=torch.Generator().manual_seed(0)).expand(batch, -1).contiguous().cuda()
+                                generator=torch.Generator().manual_seed(0)).expand(batch, -1).contiguous().to(dev)
             cell = workload.Workload(work.model, ids, work.name, work.device)
             pair = []
             for label, cfg in (("dense", None), ("quest", config)):
@@ -61,7 +68,8 @@ def main() -> None:
                       f"{row['energy_j_per_decode_token'] or float('nan'):.3f} J/token", flush=True)
             (args.out / f"profile_{context}_{batch}.json").write_text(json.dumps(pair, indent=1))
             reports.extend(pair)
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
     (args.out / "profile_tables.txt").write_text(render_table(reports))
     try:
         save_png(reports, args.out / "breakdown.png")
@@ -72,11 +80,11 @@ def main() -> None:
     if not args.deadline or time.time() < args.deadline - 60:
         context = contexts[0]
         ids = torch.randint(0, work.model.config.vocab_size, (1, context),
-                            generator=torch.Generator().manual_seed(0)).cuda()
+                            generator=torch.Generator().manual_seed(0)).to(dev)
         cell = workload.Workload(work.model, ids, work.name, work.device)
         devices = [d for d in args.plan_devices.split(",") if d]
-        shape = plan.shape_for(work.model.config, config, context + args.new_tokens // 2, 1, torch.bfloat16)
-        costs = plan.calibrate(shape, devices, "cuda", repeats=10)
+        shape = plan.shape_for(work.model.config, config, context + args.new_tokens // 2, 1, dtype)
+        costs = plan.calibrate(shape, devices, dev, repeats=10)
         fit_report = workload.profile_run(cell, config, args.new_tokens, label="fit")
         plan.fit_step_overhead(costs, fit_report)
         costs.power = {**plan.default_power(devices), **plan.measured_power(fit_report)}
@@ -84,12 +92,12 @@ def main() -> None:
         costs.power["u55c"] = (plan.U55C_POWER_MODEL.idle_watts, plan.U55C_POWER_MODEL.active_watts, "U55C model")
         ranked = plan.rank(costs)
         runnable = [plan.Placement(**r["placement"]) for r in ranked if r["runnable_here"]][:args.validate]
-        fitted = plan.Placement("cuda", "cuda", "cuda", "cuda")
+        fitted = plan.Placement(dev, dev, dev, dev)
         if fitted not in runnable:
             runnable.append(fitted)
 
         def measure(placement):
-            placed = {s: ("auto" if d == "cuda" else d) for s, d in placement.as_dict().items()}
+            placed = {s: ("auto" if d == dev else d) for s, d in placement.as_dict().items()}
             cfg = hf.MemopsConfig(method="quest", page_size=16, token_budget=args.budget, dense_layers=2,
                                   placement=placed)
             return workload.profile_run(cell, cfg, args.new_tokens, label=placement.label())

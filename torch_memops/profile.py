@@ -259,14 +259,14 @@ def _compiling() -> bool:
 class _Step:
     """The context object of one step: a host timer, or a pair of GPU events, around the body."""
 
-    __slots__ = ("profiler", "key", "device", "devices", "start", "end", "t_body")
+    __slots__ = ("profiler", "key", "device", "devices", "start", "end", "t_body", "t_call")
 
-    def __init__(self, profiler: "Profiler", key, device: torch.device, devices):
-        self.profiler, self.key, self.device, self.devices = profiler, key, device, devices
+    def __init__(self, profiler: "Profiler", key, device: torch.device, devices, t_call: float):
+        self.profiler, self.key, self.device, self.devices, self.t_call = profiler, key, device, devices, t_call
 
     def __enter__(self):
         p = self.profiler
-        t0 = time.perf_counter()
+        t0 = self.t_call  # the bookkeeping counts from the hook's call, not from here
         if p.sync:
             _synchronize(self.devices)
             self.start = None
@@ -396,11 +396,12 @@ class Profiler:
         """
         if not self._running or _compiling():
             return _NULL_STEP
+        t_call = time.perf_counter()
         devices = tuple(devices) if not isinstance(devices, torch.device) else (devices,)
         device = self._step_device(name, devices, owner)
         self._phase = phase
         self._devices_seen.update(devices)
-        return _Step(self, (phase, name, layer, device), device, devices)
+        return _Step(self, (phase, name, layer, device), device, devices, t_call)
 
     def moved(self, tensor: Tensor, destination) -> None:
         """Count the bytes of ``tensor`` that cross to ``destination`` (nothing when it is already there)."""
