@@ -303,3 +303,17 @@ def test_compiled_generate_is_reported_as_compiled():
     assert not report["path"]["decode_steps_observed"]
     assert report["phases"]["prefill"]["steps_s"]["prepare"] > 0
     assert report["phases"]["decode"]["tokens"] == 4 and report["phases"]["decode"]["time_s"] > 0
+
+
+def test_measured_overhead_compares_alternated_decode_times():
+    from torch_memops import workload
+
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(1))
+    work = workload.Workload(model, ids, "tiny", torch.device("cpu"))
+    config = hf.MemopsConfig(page_size=PAGE, token_budget=4 * PAGE, dense_layers=1)
+    result = workload.measured_overhead(work, config, new_tokens=5, repeats=3)
+    plain, profiled = result["plain_ms_per_token"], result["profiled_ms_per_token"]
+    assert len(plain) == len(profiled) == 3 and min(plain + profiled) > 0
+    ratios = sorted(b / a for a, b in zip(plain, profiled))
+    assert result["overhead_pct"] == pytest.approx(100.0 * (ratios[1] - 1.0))

@@ -197,22 +197,48 @@ def _run_once(workload: Workload, config, new_tokens: int, prof, path: str) -> f
     return time.perf_counter() - start
 
 
+class _BareClock:
+    """A logits processor that only records when each token's logits came (the unprofiled run's clock)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int = 3, path: str = "eager") -> dict:
-    """Wall time of the same generate with and without the profiler (best of ``repeats`` each)."""
+    """Decode time per token of the same generate with and without the profiler, alternated.
+
+    Decode only (first to last token boundary): the prefill's run-to-run noise stays out. The
+    unprofiled run has a bare clock at the same place as the profiler's token clock.
+    """
+    from torch_memops import hf
+
     plain, profiled = [], []
     for _ in range(repeats):
-        plain.append(_run_once(workload, config, new_tokens, None, path))
-        prof = Profiler(label="overhead")
+        clock = _BareClock(workload.device)
+        if config is None:
+            _generate(workload, new_tokens, [clock])
+        else:
+            with hf.enable(workload.model, config):
+                _generate(workload, new_tokens, [clock], **({"cache_implementation": "static",
+                                                              "compile_config": _compile_config()}
+                                                             if path == "compiled" else {}))
+        plain.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
+        prof = Profiler(label="overhead", energy=False)
         with prof:
-            start = time.perf_counter()
             _memops_generate(workload, config, new_tokens, prof, path) if config is not None else _generate(
                 workload, new_tokens, [prof.token_clock()])
-            elapsed = time.perf_counter() - start
-        profiled.append(elapsed)
-    best_plain, best_profiled = min(plain), min(profiled)
-    return {"plain_s": best_plain, "profiled_s": best_profiled,
-            "overhead_pct": 100.0 * (best_profiled - best_plain) / best_plain, "repeats": repeats,
-            "how": "best of the repeats of the same generate, with and without the profiler"}
+        decode = prof.report()["phases"]["decode"]
+        profiled.append(decode["time_s"] / decode["tokens"])
+    ratios = sorted(b / a for a, b in zip(plain, profiled))
+    return {"plain_ms_per_token": [1e3 * v for v in plain], "profiled_ms_per_token": [1e3 * v for v in profiled],
+            "overhead_pct": 100.0 * (ratios[len(ratios) // 2] - 1.0), "repeats": repeats,
+            "how": "median over alternated pairs of (profiled / unprofiled decode time per token) - 1"}
 
 
 def summary_row(report: dict) -> dict:
@@ -322,8 +348,10 @@ def profile_command(args) -> dict:
     print(profile.render_table(reports), end="")
     if "measured_overhead" in result:
         m = result["measured_overhead"]
-        print(f"measured profiler overhead: {m['overhead_pct']:+.1f} % ({m['plain_s']:.3f} s plain, "
-              f"{m['profiled_s']:.3f} s profiled, best of {m['repeats']})")
+        print(f"measured profiler overhead: {m['overhead_pct']:+.1f} % of decode time per token (median of "
+              f"{m['repeats']} alternated pairs; ms/token plain "
+              f"{', '.join(f'{v:.1f}' for v in m['plain_ms_per_token'])}, profiled "
+              f"{', '.join(f'{v:.1f}' for v in m['profiled_ms_per_token'])})")
     if args.png is not None:
         try:
             profile.save_png(reports, args.png)
