@@ -66,6 +66,12 @@ def main() -> None:
                 print(f"{row['label']}: {row['decode_ms_per_token']['total']:.2f} ms/token, memory "
                       f"{row['memory_processing_pct_time']:.1f} %, "
                       f"{row['energy_j_per_decode_token'] or float('nan'):.3f} J/token", flush=True)
+            if context == contexts[0] and batch == batches[0]:
+                overhead = workload.measured_overhead(cell, config, args.new_tokens, repeats=3)
+                pair[-1]["measured_overhead"] = overhead
+                print(f"measured profiler overhead: {overhead['overhead_pct']:+.1f} % of decode time per token "
+                      f"(plain {overhead['plain_ms_per_token']}, profiled {overhead['profiled_ms_per_token']})",
+                      flush=True)
             (args.out / f"profile_{context}_{batch}.json").write_text(json.dumps(pair, indent=1))
             reports.extend(pair)
             if dev == "cuda":
