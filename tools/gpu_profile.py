@@ -23,6 +23,10 @@ from torch_memops import hf, plan, workload
 from torch_memops.profile import render_table, save_png
 
 
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -58,7 +62,7 @@ def main() -> None:
             cell = workload.Workload(work.model, ids, work.name, work.device)
             pair = []
             for label, cfg in (("dense", None), ("quest", config)):
-                report = workload.profile_run(cell, cfg, args.new_tokens, label=f"{label} {context // 1024}K x{batch}")
+                report = workload.profile_run(cell, cfg, args.new_tokens, label=f"{label} {_tokens(context)} x{batch}")
                 pair.append(report)
                 row = workload.summary_row(report)
                 row.update(context=context, batch=batch)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (about 5 minutes): dense vs the memops pipeline at 8K and 32K on the
+# One call on the GPU machine (about 5 minutes, plus the CUDA build on a cold machine): dense vs the memops pipeline at 8K and 32K on the
 # Llama 3.1 8B architecture (random weights, bf16): ms per decode token by step, the
 # memory-processing share, energy per decode token from NVML; then the planner's ranked
 # placements at 8K and its predicted-vs-measured error (tools/gpu_profile.py). Results go flat
 # under $OUT: summary.md (the table printed last), profile_<context>_<batch>.json, plan.json,
 # breakdown.png (if matplotlib is there), logs.
-#   BUDGET_S=330  CONTEXTS=8192,32768  BATCHES=1  BUDGET_TOKENS=2048  NEW_TOKENS=16  PLAN_DEVICES=cuda,cpu
+#   BUDGET_S=420  CONTEXTS=8192,32768  BATCHES=1  BUDGET_TOKENS=2048  NEW_TOKENS=16  PLAN_DEVICES=cuda,cpu
 set -uo pipefail
 OUT="${OUT:-/tmp/memops-gpu-out}"
-BUDGET_S="${BUDGET_S:-330}"
+BUDGET_S="${BUDGET_S:-420}"
 SRC=/tmp/memops-src
 mkdir -p "$OUT"
 start=$(date +%s)

@@ -145,9 +145,13 @@ class NvmlEnergy(EnergyMeter):
         try:
             pynvml.nvmlInit()
             bus_id = _nvml_index(device) if torch.cuda.is_available() else None
+            self._handle = None
             if bus_id is not None:
-                self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-            else:
+                try:
+                    self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+                except pynvml.NVMLError:
+                    self._handle = None  # NVML spells the bus id otherwise: fall back to the index
+            if self._handle is None:
                 self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
         except pynvml.NVMLError as error:
