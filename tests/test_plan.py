@@ -134,27 +134,44 @@ def tiny_workload():
     return workload.Workload(model, ids, "tiny llama", torch.device("cpu"))
 
 
-def test_calibrated_predictions_match_measurement_on_the_cpu():
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared, oversubscribed host, multithreaded regions wait for
+    descheduled threads and their times jump by 10x from run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_calibrated_predictions_match_measurement_on_the_cpu(one_thread):
     """Calibrate on the CPU (and the emulated FPGA where built), fit on the all-CPU run, then
-    measure another run of each placement. The bound asserted here, 50 % on the whole token, is
-    loose because a shared CI host is noisy; docs/profiling.md gives the errors measured."""
+    measure another run of each placement (best of two runs each, against the host's load spikes).
+    The bound asserted, 50 % on the whole token, is loose because a shared CI host is noisy;
+    docs/profiling.md gives the errors measured."""
     from torch_memops import hf, workload
 
     work = tiny_workload()
-    config = hf.MemopsConfig(page_size=16, token_budget=128, dense_layers=1)
-    new_tokens = 6
-    shape = plan.shape_for(work.model.config, config, work.context + new_tokens // 2, 1, torch.float32)
+    new_tokens = 16  # 15 decode tokens per run: one scheduler hiccup weighs less
+
+    def config(placement=None):
+        return hf.MemopsConfig(page_size=16, token_budget=128, dense_layers=1, placement=placement or {})
+
+    def best_of_two(cfg, label):
+        runs = [workload.profile_run(work, cfg, new_tokens, label=label) for _ in range(2)]
+        return min(runs, key=lambda r: r["phases"]["decode"]["time_s"])
+
+    shape = plan.shape_for(work.model.config, config(), work.context + new_tokens // 2, 1, torch.float32)
     devices = plan.present_devices()
     costs = plan.calibrate(shape, devices, "cpu", repeats=5)
     assert all(("relevancy", d) in costs.ops for d in devices)
-    plan.fit_step_overhead(costs, workload.profile_run(work, config, new_tokens, label="fit"))
+    plan.fit_step_overhead(costs, best_of_two(config(), "fit"))
     fitted = Placement("cpu", "cpu", "cpu", "cpu")
     to_run = [fitted] + ([Placement("fpga", "fpga", "cpu", "cpu")] if "fpga" in devices else [])
 
     def measure(placement):
         placed = {s: ("auto" if d == "cpu" else d) for s, d in placement.as_dict().items()}
-        return workload.profile_run(work, hf.MemopsConfig(page_size=16, token_budget=128, dense_layers=1,
-                                                          placement=placed), new_tokens, label=placement.label())
+        return best_of_two(config(placed), placement.label())
 
     result = plan.validate(costs, measure, to_run)
     assert [r["fitted"] for r in result["rows"]] == [True] + [False] * (len(to_run) - 1)

@@ -443,20 +443,24 @@ def calibrate(shape: DecodeShape, devices: Sequence[str], model_device: str, rep
         target = torch.device(dev)
         t = {name: x.to(target) for name, x in (("keys", keys_h), ("values", values_h), ("query", query_h),
                                                 ("lens", lens_h), ("summary", summary_h), ("indices", indices_h))}
-        t["num_pages"] = torch.full((b,), pages, dtype=torch.int32).to(target)
         t["token"] = keys_h[:, :, :1].clone().to(target)
+        t["lens_step"] = lens_h.clone().to(target)
         on[dev] = t
         keys, lens = t["keys"][:, :, :shape.context], t["lens"]
         first = (shape.context - 1) // p
+        # The token's keys and values written, and the device's lengths advanced (as the pipeline does).
         table.ops[("write_token", dev)] = _time(
             lambda: (t["keys"][:, :, shape.context:shape.context + 1].copy_(t["token"]),
-                     t["values"][:, :, shape.context:shape.context + 1].copy_(t["token"])), kinds, repeats)
+                     t["values"][:, :, shape.context:shape.context + 1].copy_(t["token"]),
+                     t["lens_step"].add_(1)), kinds, repeats)
         table.ops[("prepare", dev)] = _time(
             lambda: ops.prepare_memory_(t["summary"], keys, p, first, mode=shape.summary_mode, seq_lens=lens),
             kinds, repeats)
+        # As in the pipeline: the page counts come from the device's lengths at every step.
         table.ops[("relevancy", dev)] = _time(
             lambda: ops.topk_relevancy(t["query"], t["summary"], k, mode=shape.relevancy_mode,
-                                       num_pages=t["num_pages"], sink_pages=1, recent_pages=1), kinds, repeats)
+                                       num_pages=(lens + (p - 1)) // p, sink_pages=1, recent_pages=1),
+            kinds, repeats)
         table.ops[("gather", dev)] = _time(
             lambda: (ops.gather_retrieve(keys, t["indices"], p, seq_lens=lens),
                      ops.gather_retrieve(t["values"][:, :, :shape.context], t["indices"], p, seq_lens=lens)),
