@@ -22,6 +22,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LICENCE_DIR = Path("/usr/share/common-licenses")
 # Longest first, so that few files give a long, coherent text.
 LICENCE_FILES = ("GPL-3", "GFDL-1.3", "LGPL-2.1", "GPL-2", "MPL-2.0", "Apache-2.0", "Artistic")
+DEMO_CONTEXT_TOKENS = 7600
+DEMO_BUDGET = 1024
 DEMO_QUESTION = "Which organization publishes this licence, and in which year was this version published?"
 
 
@@ -80,7 +82,7 @@ class _StepClock:
         return scores
 
 
-def timed_generate(model, input_ids: torch.Tensor, new_tokens: int):
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kwargs):
     """Greedy ``generate``; returns (new token ids, prefill seconds, per-decode-step seconds)."""
     from transformers import LogitsProcessorList
 
@@ -88,9 +90,46 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int):
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]))
+                             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                             **generate_kwargs)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return out[0, input_ids.shape[1]:].tolist(), clock.times[0] - start, steps
+
+
+def shared_prefill(model, input_ids: torch.Tensor):
+    """Dense prefill of all but the last prompt token; returns (per-layer (keys, values), seconds).
+
+    Prefill is dense attention in both runs of the demo, so they share it: each run continues
+    from its own copy, and its first generated token comes from the last prompt token.
+    """
+    from transformers import DynamicCache
+
+    from torch_memops import hf
+
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=input_ids[:, :-1], use_cache=True, **{hf.cache_argument(model): cache})
+    if input_ids.device.type == "cuda":
+        torch.cuda.synchronize(input_ids.device)
+    return [(layer.keys, layer.values) for layer in cache.layers], time.perf_counter() - start
+
+
+def dense_cache(model, prefix, max_cache_len: Optional[int]):
+    """A stock transformers cache holding a copy of ``prefix``: DynamicCache, or StaticCache (compiled
+    by ``generate``) when ``max_cache_len`` is given."""
+    from transformers import DynamicCache, StaticCache
+
+    cache = (DynamicCache(config=model.config) if max_cache_len is None
+             else StaticCache(config=model.config, max_cache_len=max_cache_len))
+    for layer_idx, (keys, values) in enumerate(prefix):
+        cache.update(keys.clone(), values.clone(), layer_idx)
+    return cache
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
 
 
 def demo_prompt(tokenizer, context_tokens: int) -> torch.Tensor:
@@ -117,35 +156,50 @@ def run_demo(args) -> dict:
     from torch_memops import hf
 
     device = args.device if args.device != "auto" else best_device()
+    static = args.cache == "static" or (args.cache == "auto" and device == "cuda")
     config = _memops_config(args)
     start = time.perf_counter()
     model, tokenizer = load_smollm2(device=device)
     load_seconds = time.perf_counter() - start
     input_ids = demo_prompt(tokenizer, args.context_tokens).to(device)
+    max_cache_len = input_ids.shape[1] + args.new_tokens if static else None
+    cache_name = "static, compiled by generate()" if static and device == "cuda" else (
+        "static (eager: generate() compiles on GPUs only)" if static else "dynamic (eager)")
     print(f"model: SmolLM2-135M-Instruct ({DEFAULT_GGUF}) on {device}, loaded in {load_seconds:.1f} s")
     print(f"prompt: {input_ids.shape[1]} tokens (licence texts + a question): {DEMO_QUESTION}")
     print(f"pipeline: {config.method}, page {config.page_size}, budget {config.token_budget} tokens, "
-          f"{config.dense_layers} dense layers, placement {config.placement}")
-    dense_tokens, dense_prefill, dense_steps = timed_generate(model, input_ids, args.new_tokens)
-    with hf.enable(model, config):
-        memops_tokens, memops_prefill, memops_steps = timed_generate(model, input_ids, args.new_tokens)
+          f"{config.dense_layers} dense layers, placement {config.placement}; cache: {cache_name}")
+    prefix, prefill_seconds = shared_prefill(model, input_ids)
+    print(f"shared dense prefill: {prefill_seconds:.1f} s")
+    arg = hf.cache_argument(model)
+    dense_tokens, _, dense_steps = timed_generate(model, input_ids, args.new_tokens,
+                                                  **{arg: dense_cache(model, prefix, max_cache_len)})
+    with hf.enable(model, config) as session:
+        cache = session.new_cache(prefix=[(k.clone(), v.clone()) for k, v in prefix], max_cache_len=max_cache_len)
+        memops_tokens, _, memops_steps = timed_generate(model, input_ids, args.new_tokens, **{arg: cache})
     same = sum(a == b for a, b in zip(dense_tokens, memops_tokens))
-    prefix = next((i for i, (a, b) in enumerate(zip(dense_tokens, memops_tokens)) if a != b), len(dense_tokens))
+    prefix_len = next((i for i, (a, b) in enumerate(zip(dense_tokens, memops_tokens)) if a != b), len(dense_tokens))
+    dense_ms, memops_ms = 1e3 * median(dense_steps), 1e3 * median(memops_steps)
     result = {
         "device": device, "prompt_tokens": input_ids.shape[1], "new_tokens": args.new_tokens,
+        "cache": "static" if static else "dynamic", "compiled": static and device == "cuda",
+        "prefill_s": prefill_seconds,
         "config": {"method": config.method, "page_size": config.page_size, "token_budget": config.token_budget,
                    "sink_pages": config.sink_pages, "recent_pages": config.recent_pages,
                    "dense_layers": config.dense_layers, "placement": dict(config.placement)},
-        "dense": {"text": tokenizer.decode(dense_tokens, skip_special_tokens=True), "prefill_s": dense_prefill,
-                  "step_ms": 1e3 * sum(dense_steps) / max(len(dense_steps), 1)},
-        "memops": {"text": tokenizer.decode(memops_tokens, skip_special_tokens=True), "prefill_s": memops_prefill,
-                   "step_ms": 1e3 * sum(memops_steps) / max(len(memops_steps), 1)},
-        "agreement": {"same_tokens": same, "identical_prefix": prefix, "of": len(dense_tokens)},
+        "dense": {"text": tokenizer.decode(dense_tokens, skip_special_tokens=True), "step_ms": dense_ms,
+                  "steps_ms": [1e3 * t for t in dense_steps]},
+        "memops": {"text": tokenizer.decode(memops_tokens, skip_special_tokens=True), "step_ms": memops_ms,
+                   "steps_ms": [1e3 * t for t in memops_steps]},
+        "speedup": dense_ms / memops_ms,
+        "agreement": {"same_tokens": same, "identical_prefix": prefix_len, "of": len(dense_tokens)},
     }
     for name in ("dense", "memops"):
         part = result[name]
-        print(f"\n[{name}] prefill {part['prefill_s']:.2f} s, {part['step_ms']:.1f} ms per decode step\n{part['text']}")
-    print(f"\nagreement: {same}/{len(dense_tokens)} tokens equal, identical for the first {prefix}")
+        print(f"\n[{name}] {part['step_ms']:.1f} ms per decode step (median of {args.new_tokens - 1})\n{part['text']}")
+    print(f"\npipeline vs dense: {result['speedup']:.2f}x faster per decode step "
+          f"({memops_ms:.1f} vs {dense_ms:.1f} ms); agreement: {same}/{len(dense_tokens)} tokens equal, "
+          f"identical for the first {prefix_len}")
     return result
 
 
@@ -168,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="device of Compute Relevancy (and of Prepare Memory unless --prepare-device)")
         sub.add_argument("--prepare-device", choices=("cpu", "cuda", "fpga"))
         sub.add_argument("--json", type=Path, help="also write the result as JSON to this path")
+    demo = commands.choices["demo"]
+    # Long enough for the pipeline to have something to gain: SmolLM2 takes 8192 positions.
+    demo.set_defaults(context_tokens=DEMO_CONTEXT_TOKENS, budget=DEMO_BUDGET)
+    demo.add_argument("--cache", default="auto", choices=("auto", "dynamic", "static"),
+                      help="the pipeline's cache (auto: static and compiled on CUDA, dynamic on the CPU)")
     from torch_memops import workload
 
     sub = commands.add_parser("profile", help="where time and energy go: the four steps vs the rest of the model",

@@ -224,7 +224,8 @@ class MemopsLayer:
                     indices = indices.to(memory_device)
         else:
             indices = self.method.select(SelectionInputs(
-                query=query, keys=keys, summary=None, seq_lens=seq_lens, num_pages=None, budget_pages=cfg.budget_pages,
+                query=query, keys=keys, summary=None, seq_lens=seq_lens,
+                num_pages=(seq_lens + (cfg.page_size - 1)) // cfg.page_size, budget_pages=cfg.budget_pages,
                 page_size=cfg.page_size, scale=scale, config=cfg, layer_idx=self.layer_idx))
         if indices is None or apply_device == memory_device:
             # Retrieval is fused into Apply: sparse_apply gathers the selected pages itself.

@@ -71,8 +71,9 @@ class LayerStorage:
             if self.relevancy_device != self.prepare_device:
                 self.relevancy_summary = allocate(summary_shape, dtype=dtype, device=self.relevancy_device)
         self.seq_lens: Dict[torch.device, Tensor] = {}
-        self.host_lens: Optional[Tensor] = None  # dynamic only: CPU mirror of the lengths
-        self.max_len = 0  # dynamic only: longest row, a host int
+        self._host_lens: Optional[Tensor] = None  # dynamic only: CPU lengths at the last set_lengths
+        self._host_steps = 0  # dynamic only: decode tokens appended to every row since then
+        self.max_len = self.min_len = 0  # dynamic only: longest and shortest row, host ints
         if self.static:
             self.seq_lens[self.memory_device] = torch.zeros(batch, dtype=torch.int32, device=self.memory_device)
             self._mark_static()
@@ -124,9 +125,14 @@ class LayerStorage:
         if self.static:
             self.seq_lens[self.memory_device].copy_(lens)
             return
-        self.host_lens = lens.to("cpu", copy=True)
-        self.max_len = int(self.host_lens.max())
+        self._host_lens, self._host_steps = lens.to("cpu", copy=True), 0
+        self.max_len, self.min_len = int(self._host_lens.max()), int(self._host_lens.min())
         self.seq_lens = {self.memory_device: lens.to(self.memory_device, copy=True)}
+
+    @property
+    def host_lens(self) -> Optional[Tensor]:
+        """Dynamic only: ``int32 [B]`` lengths on the CPU (no device read)."""
+        return None if self._host_lens is None else self._host_lens + self._host_steps
 
     def _grow(self, needed: int) -> None:
         """Dynamic only: reallocate every buffer with room for ``needed`` tokens, keeping the data."""
@@ -188,11 +194,12 @@ class LayerStorage:
             if self.has_summary:
                 self.method.prepare_decode(self.summary, self.keys, self.page_size, lens)
             return
-        first_page = int(self.host_lens.min()) // self.page_size
+        first_page = self.min_len // self.page_size
         self._grow(self.max_len + 1)
         for buf, states in self._key_targets(key_states, value_states):
-            profile.moved(states, buf.device)
-            states = states.to(buf.device)
+            if states.device != buf.device:
+                profile.moved(states, buf.device)
+                states = states.to(buf.device)
             if uniform_rows:
                 buf[:, :, self.max_len:self.max_len + 1].copy_(states)
             else:
@@ -200,8 +207,9 @@ class LayerStorage:
                 buf[rows, :, self.lens_on(buf.device).long()] = states[:, :, 0]
         for lens in self.seq_lens.values():
             lens.add_(1)
-        self.host_lens += 1
+        self._host_steps += 1
         self.max_len += 1
+        self.min_len += 1
         self.prepare(first_page=first_page, profile=profile, phase="decode")
 
     # -- Prepare Memory -------------------------------------------------------------------------
