@@ -892,7 +892,7 @@ def test_int8_topk_random(dtype, N, k, sink, recent, D):
     num_pages = torch.tensor(nvalid, dtype=torch.int32, device=DEV)
     got_s, got_i = ops.topk_relevancy(query, q8, k, num_pages=num_pages, sink_pages=sink,
                                       recent_pages=recent)
-    ref = reference.relevancy_scores(query.double(), q8.codes.double(),
+    ref = reference.relevancy_scores(query.double(), q8.codes,
                                      summary_scales=q8.scales.double())
     assert_valid_selection(ref.cpu(), got_s.cpu(), got_i.cpu(), k, nvalid, sink, recent)
 
@@ -915,7 +915,7 @@ def test_int8_topk_strided_codes_and_special_pages():
     got_s, got_i = ops.topk_relevancy(query, ops.QuantizedSummary(codes, scales), 30)
     assert 5 not in got_i[0, 0].tolist() and 7 in got_i[1, 1].tolist()
     assert got_s[1, 1, got_i[1, 1].tolist().index(7)] == math.inf
-    ref = reference.relevancy_scores(query.double(), q8.codes.double(),
+    ref = reference.relevancy_scores(query.double(), q8.codes,
                                      summary_scales=q8.scales.double()).cpu()
     got_s, got_i = got_s.cpu(), got_i.cpu()
     # Row (1, 1) holds the +inf page, which makes the tolerance of its row infinite: checked above.
