@@ -46,8 +46,6 @@ if ls .whl/*.whl > /dev/null 2>&1 && [ ! -f "$SITE/.installed" ]; then
     > "$OUT/pip.log" 2>&1 && touch "$SITE/.installed"
   echo "wheels: rc $? ($(ls .whl/*.whl | wc -l) files)"
 fi
-# The image's Python loads an older libstdc++ than the extension is built against (docs/cuda.md).
-export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
 
 # A copy of the tree: sources of this call, build outputs kept when the sources are unchanged.
 mkdir -p "$SRC"

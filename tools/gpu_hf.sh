@@ -17,8 +17,6 @@ if [ "${BUILD:-1}" = 1 ]; then
   fi
   echo "build: $(( $(date +%s) - start )) s"
 fi
-# The image's Python loads an older libstdc++ than the extension's (docs/cuda.md).
-export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
 t0=$(date +%s)
 (cd tests && timeout 150 python3 -m pytest -q -rs -p no:cacheprovider test_hf_static.py) > "$OUT/tests_hf_static.log" 2>&1
 echo "tests/test_hf_static.py: rc $? in $(( $(date +%s) - t0 )) s"

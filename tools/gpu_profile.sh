@@ -14,8 +14,6 @@ mkdir -p "$OUT"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/nvidia-smi.txt" 2>&1
-# The image's Python loads an older libstdc++ than the extension is built against (docs/cuda.md).
-export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
 mkdir -p "$SRC"
 tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - . | (cd "$SRC" && tar -xf -)
 cd "$SRC" || exit 1
