@@ -77,7 +77,7 @@ timeout "$(cap 120 200)" python3 -m pytest -q -rs -p no:cacheprovider tests/test
   tests/test_value_checks.py > "$OUT/error_paths.log" 2>&1
 rc=$?
 row "error paths (subprocess) + switch" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" \
-  "rc $rc, $(grep -E '[0-9]+ (passed|failed)' "$OUT/error_paths.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
+  "rc $rc, $(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/error_paths.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
 
 # --- 4. tests/test_cuda.py -------------------------------------------------------------------
 t0=$(date +%s)
@@ -85,7 +85,7 @@ timeout "$(cap 170 170)" python3 -m pytest -q -rs -p no:cacheprovider tests/test
   > "$OUT/test_cuda.log" 2>&1
 rc=$?
 row "tests/test_cuda.py" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" \
-  "rc $rc, $(grep -E '[0-9]+ (passed|failed)' "$OUT/test_cuda.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
+  "rc $rc, $(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/test_cuda.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
 grep -E "^(FAILED|ERROR)" "$OUT/test_cuda.log" | head -15
 
 # --- 5. compute-sanitizer memcheck -------------------------------------------------------------
