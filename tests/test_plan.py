@@ -146,7 +146,8 @@ def one_thread():
 
 def test_calibrated_predictions_match_measurement_on_the_cpu(one_thread):
     """Calibrate on the CPU (and the emulated FPGA where built), fit on the all-CPU run, then
-    measure another run of each placement (best of two runs each, against the host's load spikes).
+    measure another run of each placement (best of two runs each, of three for the fit, against
+    the host's load spikes).
     The bound asserted, 50 % on the whole token, is loose because a shared CI host is noisy;
     docs/profiling.md gives the errors measured."""
     from torch_memops import hf, workload
@@ -157,24 +158,26 @@ def test_calibrated_predictions_match_measurement_on_the_cpu(one_thread):
     def config(placement=None):
         return hf.MemopsConfig(page_size=16, token_budget=128, dense_layers=1, placement=placement or {})
 
-    def best_of_two(cfg, label):
-        runs = [workload.profile_run(work, cfg, new_tokens, label=label) for _ in range(2)]
-        return min(runs, key=lambda r: r["phases"]["decode"]["time_s"])
+    def best_of(cfg, label, runs=2):
+        reports = [workload.profile_run(work, cfg, new_tokens, label=label) for _ in range(runs)]
+        return min(reports, key=lambda r: r["phases"]["decode"]["time_s"])
 
     shape = plan.shape_for(work.model.config, config(), work.context + new_tokens // 2, 1, torch.float32)
     devices = plan.present_devices()
     costs = plan.calibrate(shape, devices, "cpu", repeats=5)
     assert all(("relevancy", d) in costs.ops for d in devices)
-    plan.fit_step_overhead(costs, best_of_two(config(), "fit"))
-    fitted = Placement("cpu", "cpu", "cpu", "cpu")
-    to_run = [fitted] + ([Placement("fpga", "fpga", "cpu", "cpu")] if "fpga" in devices else [])
+    if "fpga" not in devices:
+        pytest.skip("no fpga device (card or emulation): no placement to validate beyond the fitted one")
+    plan.fit_step_overhead(costs, best_of(config(), "fit", runs=3))
+    to_run = [Placement("cpu", "cpu", "cpu", "cpu"), Placement("fpga", "fpga", "cpu", "cpu")]
 
     def measure(placement):
         placed = {s: ("auto" if d == "cpu" else d) for s, d in placement.as_dict().items()}
-        return best_of_two(config(placed), placement.label())
+        return best_of(config(placed), placement.label())
 
     result = plan.validate(costs, measure, to_run)
-    assert [r["fitted"] for r in result["rows"]] == [True] + [False] * (len(to_run) - 1)
-    for row in result["rows"]:
-        assert abs(row["error_pct"]) <= 50.0, row
-    assert result["median_abs_error_pct"] <= 50.0
+    assert [r["fitted"] for r in result["rows"]] == [True, False]
+    assert result["over"] == "placements not fitted on"
+    # The fitted placement's error is run-to-run noise, not the model's: only the other is bounded.
+    assert abs(result["rows"][1]["error_pct"]) <= 50.0, result["rows"][1]
+    assert result["median_abs_error_pct"] == pytest.approx(abs(result["rows"][1]["error_pct"]))
