@@ -26,7 +26,9 @@ from helpers import devices
 import torch_memops  # noqa: F401  (registers the ops)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
+# The children import the torch_memops this process imported (the checkout, or an installed
+# wheel) and run in the tests folder, where no source tree can shadow it.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(torch_memops.__file__)))
 
 # The child: runs every case for one device and prints one JSON line per case, flushed, so that
 # the parent knows which case was running if the process dies.
@@ -96,14 +98,14 @@ def fpga_built() -> bool:
 
 def child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("MEMOPS_VALUE_CHECKS", None)
     return env
 
 
 def run_child(code: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, env=child_env(), cwd=ROOT)
+                          timeout=timeout, env=child_env(), cwd=TESTS)
 
 
 def describe_exit(rc: int) -> str:

@@ -6,6 +6,7 @@ environment variable, and that the CPU rejects bad values whatever its setting.
 """
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -15,7 +16,6 @@ import torch
 import torch_memops
 from torch_memops import ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +39,13 @@ def test_environment_variable_sets_it_at_load(value, expected):
     env = {k: v for k, v in os.environ.items() if k != "MEMOPS_VALUE_CHECKS"}
     if value is not None:
         env["MEMOPS_VALUE_CHECKS"] = value
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    # The torch_memops this process imported (the checkout or an installed wheel), from a folder
+    # that cannot shadow it.
+    package_root = str(Path(torch_memops.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
     run = subprocess.run([sys.executable, "-c", "import torch_memops as m; print(m.value_checks())"],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env, timeout=120,
+                         cwd=Path(__file__).resolve().parent)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(expected)
 

@@ -162,11 +162,14 @@ class DeviceModel:
 
 
 def _qor(kernel: str) -> dict:
-    path = Path(__file__).resolve().parents[1] / "hls" / kernel / "qor.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    """``hls/<kernel>/qor.json``: installed beside the package (wheel) or in the checkout."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "hls" / kernel / "qor.json", here.parent / "hls" / kernel / "qor.json"):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def u55c_model() -> DeviceModel:
