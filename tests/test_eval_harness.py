@@ -67,7 +67,7 @@ def smollm2():
 def _smoke_args(tmp_path):
     return evaluate.add_arguments(argparse.ArgumentParser()).parse_args([
         "--selectors", "oracle", "quest", "streaming", "random", "--budgets", "64",
-        "--text-contexts", "192", "--steps", "6", "--windows", "1",
+        "--text-contexts", "192", "--steps", "4", "--windows", "2",
         "--sweep-selectors", "quest", "--sweep-page-sizes", "8", "--sweep-dense-layers", "--sweep-sink-pages",
         "--sweep-recent-pages", "--sweep-budgets", "64",
         "--passkey-contexts", "160", "--passkey-depths", "0.5", "--passkey-trials", "1",
@@ -87,7 +87,7 @@ def test_harness_smoke_cell_on_smollm2_is_reproducible(smollm2, tmp_path):
     dense = rows[("dense", None)]
     assert dense["top1_agreement"] == 1.0 and dense["mean_kl"] == 0.0 and dense["perplexity_ratio"] == 1.0
     for row in rows.values():
-        assert row["positions"] == 6 and 0.0 <= row["top1_agreement"] <= 1.0 and row["mean_kl"] >= 0.0
+        assert row["positions"] == 8 and 0.0 <= row["top1_agreement"] <= 1.0 and row["mean_kl"] >= 0.0
         low, high = row["top1_ci95"]
         assert low <= row["top1_agreement"] <= high
     # 64 of 192 tokens: every selector differs from dense somewhere in its distributions.

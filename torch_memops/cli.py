@@ -192,11 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="device of Compute Relevancy (and of Prepare Memory unless --prepare-device)")
         sub.add_argument("--prepare-device", choices=("cpu", "cuda", "fpga"))
         sub.add_argument("--json", type=Path, help="also write the result as JSON to this path")
+    from torch_memops import evaluate
+
+    evaluate.add_arguments(commands.add_parser(
+        "eval", help="accuracy of page selectors against dense attention (agreement, perplexity, passkey)"))
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        from torch_memops import evaluate
+
+        evaluate.run(args)
+        return 0
     torch.manual_seed(0)
     result = run_demo(args) if args.command == "demo" else run_profile(args)
     if args.json is not None:

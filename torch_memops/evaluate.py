@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["Variant", "parse_variant", "wilson_interval", "bytes_per_step", "prefill", "teacher_forced_logits",
-           "text_task", "passkey_task", "evaluate", "plot", "add_arguments", "main", "DEFAULT_SELECTORS"]
+           "text_task", "passkey_task", "evaluate", "format_tables", "markdown_tables", "plot", "add_arguments", "main", "DEFAULT_SELECTORS"]
 
 DEFAULT_SELECTORS = ("oracle", "oracle:group_reduce=sum", "oracle_head", "quest", "quest:group_reduce=sum",
                      "quest_head", "mean", "mean_head", "streaming", "random")
@@ -140,7 +140,7 @@ def bytes_per_step(model, config, context: int) -> Dict[str, int]:
 
 
 def prefill(model, input_ids: torch.Tensor):
-    """Dense prefill of ``input_ids [1, S]``; returns per-layer ``(keys, values)``."""
+    """Dense prefill of ``input_ids [B, S]`` (no padding); returns per-layer ``(keys, values)``."""
     from transformers import DynamicCache
 
     from torch_memops import hf
@@ -152,9 +152,9 @@ def prefill(model, input_ids: torch.Tensor):
 
 
 def teacher_forced_logits(model, cache, fed: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` one-token forwards on ``cache``: the tokens of ``fed [1, n]`` first, then greedy ones.
+    """``steps`` one-token forwards on ``cache``: the tokens of ``fed [B, n]`` first, then greedy ones.
 
-    Returns ``float32 [steps, vocab]``; row ``i`` predicts the token after the ``i``-th one fed.
+    Returns ``float32 [B, steps, vocab]``; ``[:, i]`` predicts the token after the ``i``-th one fed.
     """
     from torch_memops import hf
 
@@ -166,7 +166,7 @@ def teacher_forced_logits(model, cache, fed: torch.Tensor, steps: int) -> torch.
             out = model(input_ids=token, use_cache=True, **{argument: cache})
             logits.append(out.logits[:, -1].float())
             token = fed[:, step + 1:step + 2] if step + 1 < fed.shape[1] else logits[-1].argmax(-1, keepdim=True)
-    return torch.cat(logits)
+    return torch.stack(logits, dim=1)
 
 
 def _runs(model, prefix, plans: Sequence[Tuple[Variant, Sequence[int], str]], base, context: int,
@@ -227,32 +227,31 @@ def _row(variant: Optional[Variant], budget: Optional[int], model, base, context
 
 def text_task(model, tokens: List[int], context: int, steps: int, windows: int, plans, base,
               seed: int, log=print) -> List[dict]:
-    """Teacher-forced agreement over ``windows`` windows of ``context + steps + 1`` tokens."""
-    per_run: Dict[int, dict] = {}
-    for index, window in enumerate(_windows(tokens, context + steps + 1, windows)):
-        ids = torch.tensor([window])
-        start = time.perf_counter()
-        prefix = prefill(model, ids[:, :context])
-        prefill_s = time.perf_counter() - start
-        forced, targets = ids[:, context:context + steps], ids[0, context + 1:context + steps + 1]
-        runs = _runs(model, prefix, plans, base, context,
-                     lambda cache: teacher_forced_logits(model, cache, forced, steps), seed, log)
-        dense_logp = torch.log_softmax(runs[0][3], -1)
-        dense_top = dense_logp.argmax(-1)
-        for position, (variant, budget, table, logits) in enumerate(runs):
-            logp = torch.log_softmax(logits, -1)
-            entry = per_run.setdefault(position, {"table": table, **_row(variant, budget, model, base, context),
-                                                  "agree": 0, "positions": 0, "kl_sum": 0.0, "nll_sum": 0.0,
-                                                  "dense_nll_sum": 0.0})
-            entry["agree"] += int((logp.argmax(-1) == dense_top).sum())
-            entry["positions"] += steps
-            entry["kl_sum"] += float((dense_logp.exp() * (dense_logp - logp)).sum(-1).sum())
-            entry["nll_sum"] += float(-logp[torch.arange(steps), targets].sum())
-            entry["dense_nll_sum"] += float(-dense_logp[torch.arange(steps), targets].sum())
-        log(f"text context {context} window {index + 1}/{windows}: prefill {prefill_s:.0f} s, "
-            f"{len(runs)} runs in {time.perf_counter() - start - prefill_s:.0f} s")
+    """Teacher-forced agreement over ``windows`` windows of ``context + steps + 1`` tokens.
+
+    The windows are the rows of one batch: one prefill and one forward per decode step serve all.
+    """
+    ids = torch.tensor(_windows(tokens, context + steps + 1, windows))
+    start = time.perf_counter()
+    prefix = prefill(model, ids[:, :context])
+    prefill_s = time.perf_counter() - start
+    forced, targets = ids[:, context:context + steps], ids[:, context + 1:context + steps + 1]
+    runs = _runs(model, prefix, plans, base, context,
+                 lambda cache: teacher_forced_logits(model, cache, forced, steps), seed, log)
+    dense_logp = torch.log_softmax(runs[0][3], -1)
+    dense_top = dense_logp.argmax(-1)
+    dense_nll = float(-dense_logp.gather(-1, targets[..., None]).sum())
+    per_run = []
+    for variant, budget, table, logits in runs:
+        logp = torch.log_softmax(logits, -1)
+        per_run.append({"table": table, **_row(variant, budget, model, base, context),
+                        "agree": int((logp.argmax(-1) == dense_top).sum()), "positions": windows * steps,
+                        "kl_sum": float((dense_logp.exp() * (dense_logp - logp)).sum()),
+                        "nll_sum": float(-logp.gather(-1, targets[..., None]).sum()), "dense_nll_sum": dense_nll})
+    log(f"text context {context}, {windows} windows: prefill {prefill_s:.0f} s, "
+        f"{len(runs)} runs in {time.perf_counter() - start - prefill_s:.0f} s")
     rows = []
-    for entry in per_run.values():
+    for entry in per_run:
         n = entry.pop("positions")
         agree, kl, nll, dense_nll = (entry.pop(k) for k in ("agree", "kl_sum", "nll_sum", "dense_nll_sum"))
         low, high = wilson_interval(agree, n)
@@ -276,26 +275,36 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: int):
 
 def passkey_task(model, tokenizer, context: int, depths: Sequence[float], trials: int, new_tokens: int,
                  plans, base, seed: int, log=print) -> List[dict]:
-    """One row per (trial, configuration); ``trials`` keys per depth, drawn from ``seed``."""
+    """One row per (trial, configuration); ``trials`` keys per depth, drawn from ``seed``.
+
+    Prompts of equal length (the filler is the same, only the key and its depth differ) run as the
+    rows of one batch.
+    """
     rng = random.Random(f"{seed}-{context}")
-    rows = []
+    prompts: Dict[int, list] = {}
     for depth in depths:
         for trial in range(trials):
             key = rng.randrange(10000, 100000)
             haystack, question = passkey_prompt(tokenizer, context, depth, key)
-            start = time.perf_counter()
-            prefix = prefill(model, haystack)
-            steps = question.shape[1] + new_tokens - 1
-            length = haystack.shape[1] + question.shape[1]
-            runs = _runs(model, prefix, plans, base, length,
-                         lambda cache: teacher_forced_logits(model, cache, question, steps), seed, log)
-            for variant, budget, _, logits in runs:
-                answer = tokenizer.decode(logits[question.shape[1] - 1:].argmax(-1).tolist())
-                row = _row(variant, budget, model, base, length)
+            prompts.setdefault(haystack.shape[1], []).append((depth, trial, key, haystack, question))
+    rows = []
+    for group in prompts.values():
+        start = time.perf_counter()
+        haystacks, question = torch.cat([p[3] for p in group]), group[0][4]
+        prefix = prefill(model, haystacks)
+        steps = question.shape[1] + new_tokens - 1
+        length = haystacks.shape[1] + question.shape[1]
+        runs = _runs(model, prefix, plans, base, length,
+                     lambda cache: teacher_forced_logits(model, cache, question.expand(len(group), -1), steps),
+                     seed, log)
+        for variant, budget, _, logits in runs:
+            row = _row(variant, budget, model, base, length)
+            for (depth, trial, key, _, _), answer_logits in zip(group, logits):
+                answer = tokenizer.decode(answer_logits[question.shape[1] - 1:].argmax(-1).tolist())
                 rows.append({**row, "context": context, "tokens": length, "depth": depth, "trial": trial,
                              "key": key, "answer": answer.strip(), "correct": str(key) in answer})
-            log(f"passkey context {length} depth {depth} trial {trial + 1}/{trials}: "
-                f"{time.perf_counter() - start:.0f} s")
+        log(f"passkey context {length}: {len(group)} prompts in {time.perf_counter() - start:.0f} s")
+    rows.sort(key=lambda r: (r["depth"], r["trial"]))
     return rows
 
 
@@ -425,6 +434,48 @@ def format_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_tables(result: dict) -> str:
+    """The tables of :func:`format_tables` as Markdown, one column group per budget."""
+    lines = []
+    for key in ("text", "sweeps"):
+        rows = result.get(key) or []
+        for context in sorted({row["context"] for row in rows}):
+            here = [row for row in rows if row["context"] == context]
+            budgets = sorted({row["budget"] for row in here if row["budget"] is not None})
+            lines.append(f"\n{key}, context {context}, {here[0]['positions']} positions: top-1 agreement "
+                         "[Wilson 95 %] / perplexity ratio to dense / MB read per decode step\n")
+            lines.append("| selector | " + " | ".join(f"{b}" for b in budgets) + " |")
+            lines.append("|---|" + "---:|" * len(budgets))
+            for selector in dict.fromkeys(row["selector"] for row in here):
+                cells = []
+                for budget in budgets:
+                    row = next((r for r in here if r["selector"] == selector and r["budget"] == budget), None)
+                    if row is None and selector == "dense":
+                        row = next(r for r in here if r["selector"] == "dense")
+                    if row is None:
+                        cells.append("")
+                        continue
+                    low, high = row["top1_ci95"]
+                    cells.append(f"{100 * row['top1_agreement']:.1f} [{100 * low:.1f}, {100 * high:.1f}] / "
+                                 f"{row['perplexity_ratio']:.4f} / {row['bytes_read']['total'] / 1e6:.1f}")
+                lines.append(f"| {selector} | " + " | ".join(cells) + " |")
+    summary = [row for row in result.get("passkey_summary") or [] if row["depth"] == "all"]
+    for context in sorted({row["context"] for row in summary}):
+        here = [row for row in summary if row["context"] == context]
+        budgets = sorted({row["budget"] for row in here if row["budget"] is not None})
+        lines.append(f"\npasskey, context {context}: correct / trials [Wilson 95 %] over all depths\n")
+        lines.append("| selector | " + " | ".join(f"{b}" for b in budgets) + " |")
+        lines.append("|---|" + "---:|" * len(budgets))
+        for selector in dict.fromkeys(row["selector"] for row in here):
+            cells = []
+            for budget in budgets:
+                row = next((r for r in here if r["selector"] == selector and r["budget"] in (budget, None)), None)
+                cells.append("" if row is None else
+                             f"{row['correct']}/{row['trials']} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]")
+            lines.append(f"| {selector} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> bool:
     """Quality against budget and against bytes read, one line per selector; False without matplotlib."""
     try:
@@ -477,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="local path (or hub name) of a Hugging Face model; default: the "
                         "embedded SmolLM2-135M-Instruct")
     parser.add_argument("--text", help="text file for the agreement task (default: the licence texts)")
-    parser.add_argument("--selectors", nargs="+", default=list(DEFAULT_SELECTORS),
+    parser.add_argument("--selectors", nargs="*", default=list(DEFAULT_SELECTORS),
                         help="method[:key=value,...], e.g. quest:group_reduce=sum")
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--page-size", type=int, default=16)
