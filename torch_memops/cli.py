@@ -245,11 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("plan", help="ranked placements of the four steps, predicted from calibrated costs",
                               description=plan.PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_plan_arguments(sub)
+    from torch_memops import evaluate
+
+    evaluate.add_arguments(commands.add_parser(
+        "eval", help="accuracy of page selectors against dense attention (agreement, perplexity, passkey)"))
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        from torch_memops import evaluate
+
+        evaluate.run(args)
+        return 0
     torch.manual_seed(0)
     if args.command == "profile":
         from torch_memops import workload

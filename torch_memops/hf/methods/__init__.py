@@ -14,8 +14,13 @@ from typing import Dict
 from .base import SUMMARY_REPRESENTATIVES, Method, SelectionInputs
 from .dense import Dense
 from .mean import MeanKeys
+from .mean_head import MeanHead
+from .oracle import Oracle, OracleHead
 from .quest import Quest
+from .quest_head import QuestHead
 from .quest_int8 import QuestInt8
+from .random_pages import RandomPages
+from .streaming import Streaming
 
 __all__ = ["METHODS", "Method", "SelectionInputs", "get_method", "register_method"]
 
@@ -45,5 +50,6 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}") from None
 
 
-for _method in (Quest(), QuestInt8(), MeanKeys(), Dense()):
+for _method in (Quest(), QuestInt8(), MeanKeys(), Dense(), Oracle(), OracleHead(), QuestHead(), MeanHead(),
+                Streaming(), RandomPages()):
     register_method(_method)
