@@ -135,9 +135,11 @@ void check_prepare_memory_inplace(const at::Tensor& summary, const at::Tensor& k
                     first_page);
 }
 
-void check_prepare_memory_int8(const at::Tensor& keys, int64_t page_size,
-                               const std::optional<at::Tensor>& seq_lens) {
-  const char* op = "prepare_memory_int8";
+namespace {
+
+// The keys side of both int8 Prepare ops.
+void check_int8_keys(const char* op, const at::Tensor& keys, int64_t page_size,
+                     const std::optional<at::Tensor>& seq_lens) {
   check_dim(op, "keys", keys, 4, "[B, Hkv, S, D]");
   check_float(op, "keys", keys);
   check_last_dim_contiguous(op, "keys", keys);
@@ -145,16 +147,19 @@ void check_prepare_memory_int8(const at::Tensor& keys, int64_t page_size,
   check_seq_lens(op, seq_lens, keys, "keys");
 }
 
+}  // namespace
+
+void check_prepare_memory_int8(const at::Tensor& keys, int64_t page_size,
+                               const std::optional<at::Tensor>& seq_lens) {
+  check_int8_keys("prepare_memory_int8", keys, page_size, seq_lens);
+}
+
 void check_prepare_memory_int8_inplace(const at::Tensor& summary, const at::Tensor& scales,
                                        const at::Tensor& keys, int64_t page_size,
                                        int64_t first_page,
                                        const std::optional<at::Tensor>& seq_lens) {
   const char* op = "prepare_memory_int8_";
-  check_dim(op, "keys", keys, 4, "[B, Hkv, S, D]");
-  check_float(op, "keys", keys);
-  check_last_dim_contiguous(op, "keys", keys);
-  check_page_size(op, page_size);
-  check_seq_lens(op, seq_lens, keys, "keys");
+  check_int8_keys(op, keys, page_size, seq_lens);
   check_dim(op, "summary", summary, 5, "[B, Hkv, N, 2, D]");
   check_same_device(op, "summary", summary, "keys", keys);
   TORCH_CHECK(summary.scalar_type() == at::kChar, "memops.", op,
