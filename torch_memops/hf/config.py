@@ -35,7 +35,8 @@ class MemopsConfig:
         keys scored by a dot product, InfLLM / SeerAttention-style) or ``"dense"`` (every valid
         token, through the same cache and kernel; for comparison).
     page_size : int
-        Tokens per page.
+        Tokens per page. The default 8 came out closest to the oracle per byte read on
+        SmolLM2-135M at 4K context (``docs/accuracy.md``).
     token_budget : int
         Tokens attended per decode step and kv head in the sparse layers; ``token_budget //
         page_size`` pages are selected.
@@ -55,7 +56,7 @@ class MemopsConfig:
     """
 
     method: str = "quest"
-    page_size: int = 16
+    page_size: int = 8
     token_budget: int = 1024
     sink_pages: int = 1
     recent_pages: int = 1
