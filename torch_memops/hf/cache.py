@@ -18,6 +18,7 @@ from torch_memops import ops
 from .attention import retrieve_and_apply
 from .config import STEPS, MemopsConfig, resolve_device
 from .methods import SelectionInputs
+from .offload import HostLayerStorage, HostTransfer, offload_decode
 from .step_profile import NO_PROFILE, StepProfile
 from .storage import LayerStorage, ceil_div
 
@@ -39,6 +40,12 @@ class MemopsLayer:
     supports_early_init = False
 
     def __init__(self, config: MemopsConfig, sparse: bool, layer_idx: int = 0, max_cache_len: Optional[int] = None):
+        if config.offload is not None and max_cache_len is not None:
+            raise ValueError(
+                f"MemopsConfig(offload={config.offload!r}) runs on the dynamic MemopsCache only: the host gathers "
+                f"the selected pages after reading their indices back, which no CUDA graph or torch.compile can "
+                f"capture; got max_cache_len={max_cache_len} (a static cache, e.g. cache_implementation='static'): "
+                f"drop it")
         self.config = config
         self.method = config.method_impl
         self.sparse = sparse
@@ -46,6 +53,7 @@ class MemopsLayer:
         self.max_cache_len = max_cache_len
         self.profile: Optional[StepProfile] = None
         self.storage: Optional[LayerStorage] = None
+        self.transfer: Optional[HostTransfer] = None  # offload="host": staging shared by the cache's layers
         self.reset()
 
     @property
@@ -72,16 +80,25 @@ class MemopsLayer:
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.model_device = key_states.device
-        if self.sparse:
+        offloaded = self.sparse and self.config.offload == "host"
+        if offloaded:
+            self.devices = {s: self.model_device for s in STEPS}
+            self.devices["retrieval"] = torch.device("cpu")
+        elif self.sparse:
             self.devices = {s: resolve_device(self.config.placement[s], self.model_device) for s in STEPS}
         else:
             self.devices = {s: self.model_device for s in STEPS}
         self.memory_device = self.devices["retrieval"]
         self.apply_device = self.devices["apply"]
         self.device_set = set(self.devices.values())
-        self.storage = LayerStorage(method=self.method, page_size=self.config.page_size, sparse=self.sparse,
-                                    devices=self.devices, key_states=key_states, value_states=value_states,
-                                    capacity=self.max_cache_len)
+        if offloaded:
+            self.storage = HostLayerStorage(method=self.method, page_size=self.config.page_size,
+                                            compute_device=self.model_device, key_states=key_states,
+                                            value_states=value_states, pin_memory=self.config.pin_memory)
+        else:
+            self.storage = LayerStorage(method=self.method, page_size=self.config.page_size, sparse=self.sparse,
+                                        devices=self.devices, key_states=key_states, value_states=value_states,
+                                        capacity=self.max_cache_len)
         if self.max_cache_len is not None:
             # Tokens transformers has seen (padding included), a device tensor as in its StaticLayer.
             self.seen = torch.zeros((), dtype=torch.long, device=self.model_device)
@@ -199,6 +216,8 @@ class MemopsLayer:
         profile = self.profile or NO_PROFILE
         memory_device, apply_device = self.memory_device, self.apply_device
         seq_lens = storage.lens_on(memory_device)
+        if getattr(storage, "offloaded", False):
+            return offload_decode(self, query, scale)
         keys, values = self.keys, self.values
         if not self.sparse:
             with self._step("decode", "dense"):
@@ -287,6 +306,10 @@ def cache_classes() -> Dict[str, type]:
                 self.memops_config = config
                 self.static_capacity = max_cache_len
                 self.session = session
+                if config.offload is not None:
+                    transfer = HostTransfer()
+                    for layer in self.layers:
+                        layer.transfer = transfer
 
             @property
             def max_cache_len(self) -> Optional[int]:

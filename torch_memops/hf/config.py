@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -11,6 +11,7 @@ from .methods import METHODS, get_method
 
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
 DEVICE_KINDS = ("auto", "cpu", "cuda", "fpga")
+OFFLOAD_KINDS = (None, "host")
 
 
 # Token and page counts are int32 in the kernels (torch_memops.ops.MAX_COUNT).
@@ -53,6 +54,17 @@ class MemopsConfig:
         values of the sparse layers live on the ``retrieval`` device, the page summaries on the
         ``prepare`` device. ``apply`` cannot be ``"fpga"``: the FPGA backend has no attention
         kernel.
+    offload : {None, "host"}
+        ``"host"``: keep the keys and values of the sparse layers in host memory (pinned when
+        CUDA is present and ``pin_memory``), the page summaries, Relevancy and Apply on the
+        model's device, and copy only the selected pages to it each decode step (gathered on
+        the host, copied on a side CUDA stream, double-buffered). The dense leading layers stay
+        on the model's device. It sets the placement itself (leave ``placement`` unset), needs
+        a method with a page summary, and runs on the dynamic cache only (the host gather
+        waits for the selected indices: no CUDA graph can capture it). See ``docs/hf.md``.
+    pin_memory : bool
+        With ``offload="host"``: page-lock the host buffers (needed for asynchronous copies;
+        ignored where CUDA is not available).
     """
 
     method: str = "quest"
@@ -63,6 +75,8 @@ class MemopsConfig:
     dense_layers: int = 2
     group_reduce: str = "max"
     placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    offload: Optional[str] = None
+    pin_memory: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -96,6 +110,21 @@ class MemopsConfig:
                 "prepare_memory, topk_relevancy and gather_retrieve only; place apply on 'cpu' or 'cuda'"
             )
         object.__setattr__(self, "placement", {step: self.placement.get(step, "auto") for step in STEPS})
+        if self.offload not in OFFLOAD_KINDS:
+            raise ValueError(f"MemopsConfig.offload must be one of {OFFLOAD_KINDS}, got {self.offload!r}")
+        if not isinstance(self.pin_memory, bool):
+            raise ValueError(f"MemopsConfig.pin_memory must be a bool, got {self.pin_memory!r}")
+        if self.offload is not None:
+            named = {step: kind for step, kind in self.placement.items() if kind != "auto"}
+            if named:
+                raise ValueError(
+                    f"MemopsConfig.offload={self.offload!r} sets the placement itself (keys and values of the "
+                    f"sparse layers in host memory, every step on the model's device); leave placement unset, "
+                    f"got {named}")
+            if self.method_impl.summary_mode is None:
+                raise ValueError(
+                    f"MemopsConfig.offload={self.offload!r} needs a method with a page summary (Relevancy runs "
+                    f"on the model's device from the summary alone); method {self.method!r} has none")
 
     @property
     def budget_pages(self) -> int:
