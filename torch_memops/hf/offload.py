@@ -312,30 +312,30 @@ class HostTransfer:
         rows = flat_pages.shape[0]
         slot = self._slot(rows, host_keys.shape[1], host_values.shape[1], host_keys.dtype, device, pinned)
         cuda = self._cuda(device)
-        if not cuda:
-            torch.index_select(host_keys, 0, flat_pages, out=slot["host_k"])
-            torch.index_select(host_values, 0, flat_pages, out=slot["host_v"])
-            return slot
-        if slot["copied"] is not None:
-            slot["copied"].synchronize()  # its staging may still be read by the previous copy
-        if self.stream is None or self.stream.device != device:
-            self.stream = torch.cuda.Stream(device)
-        compute = torch.cuda.current_stream(device)
+        if cuda:
+            if slot["copied"] is not None:
+                slot["copied"].synchronize()  # its staging may still be read by the previous copy
+            if self.stream is None or self.stream.device != device:
+                self.stream = torch.cuda.Stream(device)
+            if slot["consumed"] is not None:
+                # The device slot may still be read by the Apply of two sparse layers ago.
+                self.stream.wait_event(slot["consumed"])
         bounds = [rows * i // self.pieces_per_tensor for i in range(self.pieces_per_tensor + 1)]
         for source, host, dev in ((host_keys, slot["host_k"], slot["dev_k"]),
                                   (host_values, slot["host_v"], slot["dev_v"])):
             for start, end in zip(bounds, bounds[1:]):
                 if start == end:
                     continue
+                # The host gathers this piece while the previous one is in flight.
                 torch.index_select(source, 0, flat_pages[start:end], out=host[start:end])
-                with torch.cuda.stream(self.stream):
-                    if slot["consumed"] is not None:
-                        self.stream.wait_event(slot["consumed"])
-                    dev[start:end].copy_(host[start:end], non_blocking=pinned)
-        copied = torch.cuda.Event()
-        copied.record(self.stream)
-        slot["copied"] = copied
-        compute.wait_event(copied)
+                if cuda:
+                    with torch.cuda.stream(self.stream):
+                        dev[start:end].copy_(host[start:end], non_blocking=pinned)
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+            slot["copied"] = copied
+            torch.cuda.current_stream(device).wait_event(copied)
         return slot
 
     def consumed(self, slot: dict, device: torch.device) -> None:
@@ -360,6 +360,9 @@ def host_page_rows(indices: Tensor, kv_heads: int, pages_capacity: int) -> Tenso
 
 def offload_decode(layer, query: Tensor, scale: float) -> Tensor:
     """Relevancy -> host gather -> Apply of one decode token of an offloaded sparse layer."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("MemopsConfig(offload='host') cannot be compiled or captured: the host gathers the "
+                           "selected pages after reading their indices back; run the model eagerly")
     cfg, storage = layer.config, layer.storage
     profile = layer.profile or NO_PROFILE
     device, page = storage.compute_device, cfg.page_size
@@ -388,8 +391,8 @@ def offload_decode(layer, query: Tensor, scale: float) -> Tensor:
         key_dim, value_dim = storage.keys.shape[3], storage.values.shape[3]
         slot = transfer.gather(storage.keys.view(-1, page * key_dim), storage.values.view(-1, page * value_dim),
                                rows, device, storage.pinned)
-        profile.moved(slot["dev_k"], device)
-        profile.moved(slot["dev_v"], device)
+        profile.moved(slot["host_k"], device)
+        profile.moved(slot["host_v"], device)
     with layer._step("decode", "apply"):
         keys = slot["dev_k"].view(batch, heads, budget * page, key_dim)
         values = slot["dev_v"].view(batch, heads, budget * page, value_dim)
