@@ -5,21 +5,21 @@ transformers' own offloaded cache, with the GPU's memory capped.
 Timed as ``benchmarks/bench_e2e.py`` times (its ``Runner``: the time of ``generate()`` for
 ``1 + n`` new tokens minus that for one, divided by ``n``, median of ``--repeats`` pairs after
 warm-up; random weights; the prompt's keys/values are random and written into the cache that
-``generate()`` receives). All rows run in one process, in this order:
+``generate()`` receives). All rows run in one process, in this order (the rows the comparison needs first, so that a run
+cut by its deadline still has them). The cap is ``torch.cuda.set_per_process_memory_fraction``
+such that the memory the process may use beyond what it holds after loading the weights is the
+cell's whole KV (every layer) divided by ``--kv-over-free`` (default 3); rows marked capped run
+under it, the others with the fraction back at 1.
 
-- ``gpu-stock``: stock ``generate()``, ``DynamicCache`` on the GPU, no cap (the all-GPU baseline).
-- ``gpu-ours``: ``generate()`` in ``hf.enable`` with the same method and budget, every buffer on
-  the GPU, eager dynamic MemopsCache, no cap.
-- then the cap: ``torch.cuda.set_per_process_memory_fraction`` so that the memory the process may
-  use beyond what it holds after loading the weights is the cell's whole KV (every layer) divided
-  by ``--kv-over-free`` (default 3),
-- ``capped-gpu-stock``: the all-GPU baseline again under the cap (expected: out of memory, which
-  shows that the KV does not fit),
-- ``offload-ours``: ``MemopsConfig(offload="host")`` under the cap (sparse layers' KV pinned on
-  the host; the dense leading layers, summaries, Relevancy and Apply on the GPU),
-- ``offload-hf``: transformers' offloaded cache under the cap (``DynamicCache(offloading=True)``,
-  what ``cache_implementation="offloaded"`` builds: every layer's KV on the host, prefetched to
-  the GPU one layer ahead, dense attention).
+- ``gpu-ours``: ``generate()`` in ``hf.enable``, every buffer on the GPU, eager dynamic
+  MemopsCache, no cap (the all-GPU pipeline at a size that fits: the H200 holds it uncapped).
+- ``offload-ours``: ``MemopsConfig(offload="host")``, same method and budget, capped (sparse
+  layers' KV pinned on the host; dense leading layers, summaries, Relevancy and Apply on the GPU).
+- ``offload-hf``: transformers' offloaded cache, capped (``DynamicCache(offloading=True)``, what
+  ``cache_implementation="offloaded"`` builds: every layer's KV on the host, the next layer
+  prefetched to the GPU on a side stream, dense attention).
+- ``gpu-stock``: stock ``generate()``, ``DynamicCache`` on the GPU, no cap.
+- ``capped-gpu-stock``: the same under the cap (expected: out of memory: the KV does not fit).
 
 Tokens/s counts every row of the batch: ``batch / seconds per decode step``.
 
@@ -63,14 +63,14 @@ class OffloadRow(RowSpec):
 
 
 ROWS = [
-    OffloadRow("gpu-stock", "stock generate(), DynamicCache on the GPU, no cap", ours=False, static=False),
     OffloadRow("gpu-ours", "hf.enable, eager MemopsCache, every buffer on the GPU, no cap", ours=True, static=False),
-    OffloadRow("capped-gpu-stock", "stock generate(), DynamicCache on the GPU, under the cap", ours=False,
-               static=False, capped=True),
     OffloadRow("offload-ours", "hf.enable, MemopsConfig(offload='host'), under the cap", ours=True, static=False,
                offload="host", capped=True),
     OffloadRow("offload-hf", "stock generate(), transformers' offloaded DynamicCache, under the cap", ours=False,
                static=False, hf_offloaded=True, capped=True),
+    OffloadRow("gpu-stock", "stock generate(), DynamicCache on the GPU, no cap", ours=False, static=False),
+    OffloadRow("capped-gpu-stock", "stock generate(), DynamicCache on the GPU, under the cap", ours=False,
+               static=False, capped=True),
 ]
 ROW_NAMES = [row.name for row in ROWS]
 
@@ -278,27 +278,27 @@ def main(argv=None):
           f"{info['transformers']} | {result['model']} | {cell.label}: KV {kv / GIB:.2f} GiB, weights "
           f"{weights / GIB:.2f} GiB", flush=True)
     runner = OffloadRunner(model, args, device, dtype)
-    capped = False
+    free(device)
+    fraction = None
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        held = torch.cuda.memory_reserved(device)
+        allowed = kv / args.kv_over_free
+        fraction = min((held + allowed) / total, 1.0)
+        result["cap"] = {"total_gib": total / GIB, "held_after_weights_gib": held / GIB,
+                         "cap_gib": fraction * total / GIB, "allowed_after_weights_gib": allowed / GIB,
+                         "fraction": fraction, "kv_over_free": args.kv_over_free}
+    else:
+        result["cap"] = {"why": "CPU run: torch.cuda.set_per_process_memory_fraction needs CUDA"}
     measured = {}
     for spec in rows:
         if time.time() > deadline - args.row_margin:
             result["skipped"].append(f"{spec.name}: deadline")
             print(f"{spec.name:<18} skipped: deadline", flush=True)
             continue
-        if spec.capped and not capped:
-            capped = True
+        if fraction is not None:
             free(device)
-            if device.type == "cuda":
-                total = torch.cuda.get_device_properties(device).total_memory
-                held = torch.cuda.memory_reserved(device)
-                allowed = kv / args.kv_over_free
-                fraction = min((held + allowed) / total, 1.0)
-                torch.cuda.set_per_process_memory_fraction(fraction, device)
-                result["cap"] = {"total_gib": total / GIB, "held_before_gib": held / GIB, "cap_gib": fraction * total / GIB,
-                                 "allowed_after_weights_gib": allowed / GIB, "fraction": fraction,
-                                 "kv_over_free": args.kv_over_free}
-            else:
-                result["cap"] = {"why": "CPU run: torch.cuda.set_per_process_memory_fraction needs CUDA"}
+            torch.cuda.set_per_process_memory_fraction(fraction if spec.capped else 1.0, device)
         if spec.hf_offloaded and device.type != "cuda":
             row = bench_e2e.RowResult(cell.label, spec.name, spec.what, status="skipped: transformers' offloaded "
                                       "cache needs CUDA streams")
@@ -308,7 +308,7 @@ def main(argv=None):
             row = runner.run(spec, cell)
             if device.type == "cuda":
                 row.extra["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
-        row.extra["capped"] = spec.capped and bool(result["cap"].get("fraction"))
+        row.extra["capped"] = spec.capped and fraction is not None
         if spec.hf_offloaded:
             row.extra["hf_cache"] = getattr(runner, "hf_cache_name", None)
         if row.ms_per_token:
@@ -318,7 +318,7 @@ def main(argv=None):
         write_report(path_json, path_md, result)
         ms = "" if row.ms_per_token is None else f"{row.ms_per_token:8.2f} ms/step"
         print(f"{spec.name:<18} {ms} warm-up {row.warmup_s} s {row.status}", flush=True)
-    if capped and device.type == "cuda":
+    if fraction is not None:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     free(device)
     if device.type == "cuda" and not args.no_plan and time.time() < deadline - args.row_margin:

@@ -17,7 +17,8 @@ def test_bench_offload_cpu_smoke_writes_its_table(tmp_path):
     result = bench_offload.main(["--cpu-smoke", "--cell", "2x256", "--repeats", "1", "--new-tokens", "2",
                                  "--out", str(tmp_path), "--tag=-test"])
     rows = {row["row"]: row for row in result["rows"]}
-    assert list(rows) == bench_offload.ROW_NAMES
+    assert list(rows) == bench_offload.ROW_NAMES == ["gpu-ours", "offload-ours", "offload-hf", "gpu-stock",
+                                                     "capped-gpu-stock"]
     assert rows["offload-hf"]["status"].startswith("skipped: transformers' offloaded cache needs CUDA")
     for name in ("gpu-stock", "gpu-ours", "capped-gpu-stock", "offload-ours"):
         row = rows[name]

@@ -231,3 +231,12 @@ def test_profile_sees_every_step_of_an_offloaded_decode():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     decode_steps = {name for (phase, name) in profile.seconds if phase == "decode"}
     assert decode_steps == {"prepare", "relevancy", "retrieval", "apply", "dense"}
+
+
+@pytest.mark.parametrize("per_row", [False, True])  # True: the path a CUDA prefill takes
+def test_prefix_write_lands_in_the_strided_host_buffer(per_row):
+    host = torch.full((2, 3, 40, 4), float("nan"))
+    states = torch.randn(2, 3, 11, 4)
+    offload_module._write_prefix(host, states, 5, per_row=per_row)
+    assert torch.equal(host[:, :, 5:16], states)
+    assert host[:, :, :5].isnan().all() and host[:, :, 16:].isnan().all()

@@ -55,6 +55,20 @@ def _host_like(tensor: Tensor, pin: bool) -> Tensor:
     return tensor.pin_memory() if pin and not tensor.is_pinned() else tensor
 
 
+def _write_prefix(host: Tensor, states: Tensor, start: int, per_row: Optional[bool] = None) -> None:
+    """``host[:, :, start:start + T] = states`` (``[B, H, T, D]``). From a CUDA tensor one copy per
+    (row, head): each is contiguous on both sides, so it goes straight into the pinned buffer
+    (a single copy of the strided slice would stage through pageable memory)."""
+    end = start + states.shape[2]
+    per_row = states.device.type == "cuda" if per_row is None else per_row
+    if not per_row or not states.is_contiguous():
+        host[:, :, start:end].copy_(states)
+        return
+    flat_host, flat_states = host.view(-1, *host.shape[2:]), states.view(-1, *states.shape[2:])
+    for i in range(flat_states.shape[0]):
+        flat_host[i, start:end].copy_(flat_states[i])
+
+
 class HostLayerStorage(LayerStorage):
     """The buffers of one offloaded sparse layer: ``keys``/``values`` ``[B, Hkv, capacity, D]``
     on the host (capacity a multiple of ``page_size``), ``summary`` and ``tail`` on the compute
@@ -167,8 +181,8 @@ class HostLayerStorage(LayerStorage):
 
     def write_prefill(self, key_states: Tensor, value_states: Tensor) -> None:
         tokens = key_states.shape[2]
-        self.keys[:, :, :tokens].copy_(key_states)
-        self.values[:, :, :tokens].copy_(value_states)
+        _write_prefix(self.keys, key_states, 0)
+        _write_prefix(self.values, value_states, 0)
         self._set_lengths_both(torch.full((key_states.shape[0],), tokens, dtype=torch.int32))
         self._prepare_all(key_states.to(self.compute_device))
 
@@ -176,8 +190,8 @@ class HostLayerStorage(LayerStorage):
         end = start + key_states.shape[2]
         self._grow(end)
         self.flush()
-        self.keys[:, :, start:end].copy_(key_states)
-        self.values[:, :, start:end].copy_(value_states)
+        _write_prefix(self.keys, key_states, start)
+        _write_prefix(self.values, value_states, start)
         self._set_lengths_both(torch.full((key_states.shape[0],), end, dtype=torch.int32))
         self.prepare(first_page=start // self.page_size)
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (at most 7 minutes, build included): serving KV that does not fit on
+# the GPU (benchmarks/bench_offload.py): the all-GPU pipeline, MemopsConfig(offload="host") and
+# transformers' offloaded cache, the last two with the GPU's memory capped so that the cell's KV
+# is KV_OVER_FREE times what the process may use beyond the weights. Results (JSON, Markdown,
+# logs) go flat under $OUT; the table is printed last.
+#
+#   BUDGET_S=420            whole call, seconds (the benchmark stops starting rows near the end)
+#   CELL=4x32K              batch x context
+#   LAYERS=16               decoder layers of the Llama-3-8B-shaped model (random weights, bf16)
+#   OFFLOAD_ARGS="--budget 1024 --page-size 16 --new-tokens 8 --repeats 3 --warmup 1 --kv-over-free 3"
+#   TAG=""                  suffix of the result files
+#
+# It builds the CUDA extension in a copy of the tree under /tmp/memops-src (reused when a build of
+# the same sources is there: build/cuda/.stamp, as tools/gpu_bench.sh writes it) and runs from it.
+# CPU dry run of the same script (no build, the tiny model): CPU_SMOKE=1 tools/gpu_offload.sh
+set -uo pipefail
+OUT="${OUT:-/tmp/memops-gpu-out}"
+BUDGET_S="${BUDGET_S:-420}"
+CELL="${CELL:-4x32K}"
+LAYERS="${LAYERS:-16}"
+OFFLOAD_ARGS="${OFFLOAD_ARGS:---budget 1024 --page-size 16 --new-tokens 8 --repeats 3 --warmup 1 --kv-over-free 3}"
+TAG="${TAG:-}"
+CPU_SMOKE="${CPU_SMOKE:-0}"
+SRC="${MEMOPS_SRC:-/tmp/memops-src}"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the benchmark runs from the /tmp copy
+start=$(date +%s)
+end=$((start + BUDGET_S - 15))
+export PYTHONUNBUFFERED=1 MEMOPS_BENCH_OUT="$OUT"
+if [ "$CPU_SMOKE" = 1 ]; then
+  # The CPU dry run: the extension this checkout built, the tiny model, no copy of the tree.
+  export PYTHONPATH="$PWD"
+  MEMOPS_BENCH_DEADLINE=$end timeout $((end - start + 10)) \
+    python3 benchmarks/bench_offload.py --cpu-smoke --repeats 1 --out "$OUT" --tag="$TAG" > "$OUT/offload$TAG.log" 2>&1
+  echo "bench_offload (CPU smoke): rc $? in $(( $(date +%s) - start )) s"
+  [ -f "$OUT/bench_offload$TAG.md" ] && sed -n '/^| row |/,/^$/p' "$OUT/bench_offload$TAG.md"
+  exit 0
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max \
+  --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+lscpu > "$OUT/lscpu.txt" 2>&1
+free -g > "$OUT/free.txt" 2>&1
+
+# A copy of the tree: sources of this call, build outputs kept when the sources are unchanged.
+mkdir -p "$SRC"
+tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - . | (cd "$SRC" && tar -xf -)
+export PYTHONPATH="$SRC"
+[ -d /tmp/memops-site ] && export PYTHONPATH="/tmp/memops-site:$SRC"
+cd "$SRC" || exit 1
+stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
+if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
+  cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
+else
+  t0=$(date +%s)
+  if ! { cmake -S . -B build/cuda -G Ninja -DMEMOPS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
+         cmake --build build/cuda -j16; } > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; exit 1
+  fi
+  cp torch_memops/_C*.so build/cuda/ 2>/dev/null
+  echo "$stamp" > build/cuda/.stamp
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
+python3 -c "import torch, transformers, torch_memops; print('torch', torch.__version__, '| transformers', \
+transformers.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | tail -1
+
+t0=$(date +%s)
+# The script stops starting rows near its deadline; timeout ends a row that overruns it.
+MEMOPS_BENCH_DEADLINE=$end timeout $((end - t0 + 10)) \
+  python3 benchmarks/bench_offload.py --cell "$CELL" --layers "$LAYERS" $OFFLOAD_ARGS --row-margin 35 \
+  --out "$OUT" --tag="$TAG" > "$OUT/offload$TAG.log" 2>&1
+echo "bench_offload: rc $? in $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - start )) s)"
+grep -E "^(gpu|offload|capped)-" "$OUT/offload$TAG.log" | tail -10
+grep -E "Error|error:" "$OUT/offload$TAG.log" | grep -v "^|" | tail -5
+[ -f "$OUT/bench_offload$TAG.md" ] && sed -n '/^Cell /p;/^| row |/,/^$/p;/^Summary/p' "$OUT/bench_offload$TAG.md"
+exit 0
