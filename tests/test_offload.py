@@ -240,3 +240,67 @@ def test_prefix_write_lands_in_the_strided_host_buffer(per_row):
     offload_module._write_prefix(host, states, 5, per_row=per_row)
     assert torch.equal(host[:, :, 5:16], states)
     assert host[:, :, :5].isnan().all() and host[:, :, 16:].isnan().all()
+
+
+class _FakeCuda:
+    """Stand-ins for torch.cuda's Event/Stream that log what the transfer asks of them, so that the
+    CUDA branch of HostTransfer (pieces, slots, event order) runs on the CPU."""
+
+    def __init__(self):
+        self.log = []
+        fake = self
+
+        class Event:
+            def record(self, stream):
+                fake.log.append(("record", stream.name))
+
+            def synchronize(self):
+                fake.log.append(("synchronize",))
+
+        class Stream:
+            def __init__(self, device=None, name="side"):
+                self.device, self.name = device, name
+
+            def wait_event(self, event):
+                fake.log.append(("wait", self.name))
+
+        self.Event, self.Stream = Event, Stream
+        self.compute = Stream(name="compute")
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        monkeypatch.setattr(offload_module.HostTransfer, "_cuda", lambda self, device: True)
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
+
+
+def test_transfer_cuda_branch_orders_its_copies(monkeypatch):
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    B, H, P, D, k, capacity = 2, 2, 4, 8, 3, 32
+    keys, values = torch.randn(B, H, capacity, D), torch.randn(B, H, capacity, D)
+    transfer = offload_module.HostTransfer(pieces_per_tensor=2)
+    device = torch.device("cpu")
+    outs = []
+    for layer in range(3):  # slots 0, 1, 0: the third reuses the first
+        indices = torch.stack([torch.randperm(capacity // P)[:k].sort().values for _ in range(B * H)]).view(B, H, k)
+        host_indices = transfer.indices_to_host(indices.int(), pinned=False)
+        assert torch.equal(host_indices, indices.int())
+        rows = offload_module.host_page_rows(host_indices, H, capacity // P)
+        fake.log.clear()
+        slot = transfer.gather(keys.view(-1, P * D), values.view(-1, P * D), rows, device, False)
+        want = keys.view(B * H * (capacity // P), P * D)[rows]
+        assert torch.equal(slot["dev_k"], want) and slot["dev_k"].data_ptr() != slot["host_k"].data_ptr()
+        assert torch.equal(slot["dev_v"], values.view(-1, P * D)[rows])
+        transfer.consumed(slot, device)
+        outs.append(slot)
+        if layer < 2:  # a fresh slot: nothing to wait for before the copies
+            # copies done -> compute waits for them; Apply done (consumed) recorded on compute
+            assert fake.log == [("record", "side"), ("wait", "compute"), ("record", "compute")]
+        else:  # the reused slot: the host waits for its last copy, the side stream for its last Apply
+            assert fake.log == [("synchronize",), ("wait", "side"), ("record", "side"), ("wait", "compute"),
+                                ("record", "compute")]
+    assert outs[0] is outs[2] and outs[0] is not outs[1]
