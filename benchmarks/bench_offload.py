@@ -149,8 +149,9 @@ def planner_prediction(model, args, cell: Cell, dtype, measured: dict) -> dict:
     out["predicted_extra_ms"] = round(out["host-memory"]["memory_ms"] - out["all-gpu"]["memory_ms"], 3)
     if measured.get("offload-ours") and measured.get("gpu-ours"):
         out["measured_extra_ms"] = round(measured["offload-ours"] - measured["gpu-ours"], 3)
-    out["note"] = ("the planner models the generic split placement (a key mirror on the prepare device, synchronous "
-                   "copies, no overlap), not offload='host' exactly")
+    out["note"] = ("the planner prices placement prepare=cuda,relevancy=cuda,retrieval=cpu,apply=cuda from its own "
+                   "calibration: gather_retrieve on the CPU and synchronous copies of pageable tensors, no overlap; "
+                   "offload='host' gathers into pinned staging and overlaps pieces")
     return out
 
 
