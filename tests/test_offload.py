@@ -304,3 +304,26 @@ def test_transfer_cuda_branch_orders_its_copies(monkeypatch):
             assert fake.log == [("synchronize",), ("wait", "side"), ("record", "side"), ("wait", "compute"),
                                 ("record", "compute")]
     assert outs[0] is outs[2] and outs[0] is not outs[1]
+
+
+def test_each_decode_step_waits_once_per_layer_after_relevancy(monkeypatch):
+    """The host waits for the device in one place per sparse layer and step: the indices' copy. The
+    new token's write to the host happens after it (never in update, which would add a wait)."""
+    log = []
+    to_host = offload_module.HostTransfer.indices_to_host
+    flush = offload_module.HostLayerStorage.flush
+
+    def logged_to_host(self, indices, pinned):
+        log.append("indices")
+        return to_host(self, indices, pinned)
+
+    def logged_flush(self):
+        if self._pending is not None:
+            log.append("token")
+        return flush(self)
+
+    monkeypatch.setattr(offload_module.HostTransfer, "indices_to_host", logged_to_host)
+    monkeypatch.setattr(offload_module.HostLayerStorage, "flush", logged_flush)
+    teacher_forced(tiny_llama(), config("host"), steps=3)
+    # 3 decode steps x 3 sparse layers; the prefill waits for nothing.
+    assert log == ["indices", "token"] * 9

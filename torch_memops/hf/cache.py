@@ -124,6 +124,10 @@ class MemopsLayer:
         if new_tokens == 1:
             with self._step("decode", "prepare"):
                 storage.write_decode(key_states, value_states, self.uniform_rows, self.profile or NO_PROFILE)
+            if getattr(storage, "offloaded", False):
+                # The host buffers as they are (the newest token lands at the decode step's one
+                # synchronisation); the decode path reads the storage, not these.
+                return storage.keys[:, :, :storage.max_len], storage.values[:, :, :storage.max_len]
             return self.keys, self.values
         if self.max_cache_len is not None or not self.uniform_rows:
             raise NotImplementedError(
