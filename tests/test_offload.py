@@ -116,6 +116,10 @@ def test_buffers_live_where_the_offload_says(device):
         assert storage.pinned == can_pin
         assert storage.keys.is_pinned() == can_pin and storage.values.is_pinned() == can_pin
         assert storage.summary.device == model.device and storage.tail.device == model.device
+        # Past the written tokens the host buffers are zeros: gathered padding is masked by Apply,
+        # and must be finite (0 * NaN would not be).
+        assert storage.capacity % PAGE == 0 and storage.capacity > storage.max_len
+        assert not storage.keys[:, :, storage.max_len:].any() and not storage.values[:, :, storage.max_len:].any()
         assert storage.prepare_keys is None and storage.relevancy_summary is None  # no key mirror on the device
         assert layer.transfer is cache.layers[-1].transfer  # one staging pair for the cache
 

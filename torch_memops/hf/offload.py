@@ -49,6 +49,13 @@ def _host_zeros(shape, dtype, pin: bool) -> Tensor:
     return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
 
+def _host_buffer(batch: int, heads: int, capacity: int, dim: int, dtype, pin: bool, filled: int) -> Tensor:
+    """``[B, H, capacity, D]`` on the host, zero past token ``filled`` (the caller writes the rest)."""
+    buffer = torch.empty((batch, heads, capacity, dim), dtype=dtype, pin_memory=pin)
+    buffer[:, :, filled:].zero_()
+    return buffer
+
+
 def _host_like(tensor: Tensor, pin: bool) -> Tensor:
     """``tensor`` on the host, page-locked when ``pin`` (a host tensor that is not pinned is copied)."""
     tensor = tensor.to(HOST)
@@ -88,8 +95,10 @@ class HostLayerStorage(LayerStorage):
         self.pinned = bool(pin_memory and compute_device.type == "cuda" and torch.cuda.is_available())
         batch, heads, tokens, key_dim = key_states.shape
         capacity = ceil_div(tokens + GROWTH_TOKENS, page_size) * page_size
-        self.keys = _host_zeros((batch, heads, capacity, key_dim), key_states.dtype, self.pinned)
-        self.values = _host_zeros((batch, heads, capacity, value_states.shape[-1]), value_states.dtype, self.pinned)
+        # write_prefill fills the first `tokens` of every row next.
+        self.keys = _host_buffer(batch, heads, capacity, key_dim, key_states.dtype, self.pinned, tokens)
+        self.values = _host_buffer(batch, heads, capacity, value_states.shape[-1], value_states.dtype, self.pinned,
+                                   tokens)
         self.summary = torch.zeros((batch, heads, capacity // page_size, method.representatives, key_dim),
                                    dtype=key_states.dtype, device=compute_device)
         self.tail = torch.zeros((batch, heads, page_size, key_dim), dtype=key_states.dtype, device=compute_device)
@@ -143,7 +152,7 @@ class HostLayerStorage(LayerStorage):
         used = self.max_len
 
         def grown(tensor: Tensor) -> Tensor:
-            new = _host_zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype, self.pinned)
+            new = _host_buffer(*tensor.shape[:2], capacity, tensor.shape[3], tensor.dtype, self.pinned, used)
             new[:, :, :used].copy_(tensor[:, :, :used])
             return new
 
