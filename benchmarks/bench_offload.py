@@ -89,6 +89,8 @@ def hf_offloaded_cache(model):
 class OffloadRunner(Runner):
     """bench_e2e's Runner, with the offload rows' configs and transformers' offloaded cache."""
 
+    gather_threads: Optional[int] = None  # HostTransfer.threads of the offloaded caches
+
     def memops_config(self, spec: OffloadRow) -> hf.MemopsConfig:
         return hf.MemopsConfig(method=spec.method, page_size=self.args.page_size, token_budget=self.args.budget,
                                dense_layers=self.args.dense_layers, offload=spec.offload)
@@ -103,7 +105,11 @@ class OffloadRunner(Runner):
                     # first, or two caches' GPU parts would meet under the cap.
                     session.active_cache = None
                 free(self.device)
-                return inner()
+                kwargs = inner()
+                transfer = getattr(kwargs[self.cache_kwarg].layers[-1], "transfer", None)
+                if transfer is not None:
+                    transfer.threads = self.gather_threads
+                return kwargs
             return make
         model = self.model
 
@@ -129,6 +135,33 @@ def pinned_h2d_gbps(device, mib: int = 256) -> Optional[float]:
         times.append(time.perf_counter() - start)
     del host, dev
     return round(mib * 2**20 / sorted(times[1:])[2] / 1e9, 1)
+
+
+def host_gather_gbps(model, args, cell: Cell, dtype) -> dict:
+    """GB/s of the host gather of one sparse layer's selected key pages (``index_select`` of
+    ``B * Hkv * k`` pages of ``P * D`` elements from one layer's host keys), median of 10, with
+    torch's default intra-op threads and with one."""
+    config = model.config
+    page, budget_pages = args.page_size, args.budget // args.page_size
+    pages = -(-(cell.context + 256) // page)
+    rows = cell.batch * config.num_key_value_heads
+    source = torch.randn(rows * pages, page * config.head_dim).to(dtype)
+    index = (torch.arange(rows)[:, None] * pages + torch.randint(0, pages, (rows, budget_pages))).reshape(-1)
+    out = torch.empty(index.numel(), source.shape[1], dtype=dtype)
+    threads = torch.get_num_threads()
+    result = {}
+    for count in (threads, 1):
+        torch.set_num_threads(count)
+        torch.index_select(source, 0, index, out=out)
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            torch.index_select(source, 0, index, out=out)
+            times.append(time.perf_counter() - start)
+        result[f"{count}_threads"] = round(out.numel() * out.element_size() / sorted(times)[5] / 1e9, 2)
+    torch.set_num_threads(threads)
+    result["bytes"] = out.numel() * out.element_size()
+    return result
 
 
 def planner_prediction(model, args, cell: Cell, dtype, measured: dict) -> dict:
@@ -162,12 +195,15 @@ def write_report(path_json: Path, path_md: Path, result: dict) -> None:
         "# bench_offload: KV in host memory, GPU memory capped", "",
         f"{result['model']}; {info.get('card')}; host CPU {info.get('host_cpu')} ({info.get('host_cpus')} cpus); "
         f"torch {info.get('torch')}, transformers {info.get('transformers')}; pinned host->GPU copy "
-        f"{result.get('h2d_pinned_gbps')} GB/s.", "",
+        f"{result.get('h2d_pinned_gbps')} GB/s; host gather of one layer's selected key pages "
+        f"({result['host_gather_gbps']['bytes'] / 2**20:.1f} MiB, index_select) "
+        + ", ".join(f"{v} GB/s with {k.replace('_', ' ')}" for k, v in result["host_gather_gbps"].items()
+                    if k != "bytes") + ".", "",
         f"Cell {result['cell']}: KV of every layer {result['kv_gib']:.2f} GiB, weights {result['weights_gib']:.2f} GiB; "
         + (f"cap {cap['cap_gib']:.2f} GiB of {cap['total_gib']:.0f} GiB (fraction {cap['fraction']:.4f}), i.e. "
            f"{cap['allowed_after_weights_gib']:.2f} GiB beyond the weights = KV / {cap['kv_over_free']}."
            if cap.get("fraction") else f"no cap ({cap.get('why', '')})."), "",
-        f"Pipeline: {result['pipeline']}. ms per decode step = (t(1+{result['new_tokens']}) - t(1)) / "
+        f"Pipeline: {result['pipeline']}; host gather threads {result.get('gather_threads')}. ms per decode step = (t(1+{result['new_tokens']}) - t(1)) / "
         f"{result['new_tokens']}, median of {result['repeats']} pairs after {result['warmup']} warm-up pair(s); "
         f"tokens/s = batch / step time.", "",
         "| row | what | capped | ms/step | tokens/s | vs gpu-ours | vs gpu-stock | peak GPU GiB | status |",
@@ -232,6 +268,9 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--gather-threads", default="auto",
+                        help="intra-op threads of the host gather: 'auto' (1 if the gather measured faster with one "
+                             "thread than with torch's default, else the default), 'default', or a number")
     parser.add_argument("--no-plan", action="store_true", help="skip the planner's prediction")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -269,6 +308,7 @@ def main(argv=None):
         "weights_gib": weights / GIB, "kv_gib": kv / GIB,
         "kv_sparse_step_gib": kv_bytes_sparse(model.config, cell.batch, cell.context, elem, memops) / GIB,
         "h2d_pinned_gbps": pinned_h2d_gbps(device),
+        "host_gather_gbps": host_gather_gbps(model, args, cell, dtype),
         "pipeline": f"quest, budget {args.budget}, page {args.page_size}, dense_layers {args.dense_layers}",
         "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
         "cap": {}, "rows": [], "skipped": [],
@@ -279,6 +319,12 @@ def main(argv=None):
           f"{info['transformers']} | {result['model']} | {cell.label}: KV {kv / GIB:.2f} GiB, weights "
           f"{weights / GIB:.2f} GiB", flush=True)
     runner = OffloadRunner(model, args, device, dtype)
+    gather = result["host_gather_gbps"]
+    if args.gather_threads == "auto":
+        runner.gather_threads = 1 if gather["1_threads"] > gather[f"{torch.get_num_threads()}_threads"] else None
+    elif args.gather_threads != "default":
+        runner.gather_threads = int(args.gather_threads)
+    result["gather_threads"] = runner.gather_threads or torch.get_num_threads()
     free(device)
     fraction = None
     if device.type == "cuda":

@@ -15,7 +15,7 @@ import bench_offload  # noqa: E402
 
 def test_bench_offload_cpu_smoke_writes_its_table(tmp_path):
     result = bench_offload.main(["--cpu-smoke", "--cell", "2x256", "--repeats", "1", "--new-tokens", "2",
-                                 "--out", str(tmp_path), "--tag=-test"])
+                                 "--gather-threads", "1", "--out", str(tmp_path), "--tag=-test"])
     rows = {row["row"]: row for row in result["rows"]}
     assert list(rows) == bench_offload.ROW_NAMES == ["gpu-ours", "offload-ours", "offload-hf", "gpu-stock",
                                                      "capped-gpu-stock"]
@@ -30,6 +30,7 @@ def test_bench_offload_cpu_smoke_writes_its_table(tmp_path):
     # The offloaded pipeline computes what the all-on-one-device one computes.
     assert result["summary"]["offload_ours_tokens_equal_gpu_ours"] is True
     assert "needs CUDA" in result["cap"]["why"]
+    assert result["gather_threads"] == 1 and result["host_gather_gbps"]["1_threads"] > 0
     saved = json.loads((tmp_path / "bench_offload-test.json").read_text())
     assert saved["cell"] == "B2 S256" and saved["environment"]["transformers"]
     table = (tmp_path / "bench_offload-test.md").read_text()

@@ -209,9 +209,11 @@ def test_host_gather_is_gather_retrieve(heads, dtype):
             take = min(k, pages)
             chosen = torch.cat([torch.randperm(pages - 1)[:take - 1], torch.tensor([pages - 1])]).sort().values
             indices[b, h, :take] = chosen.int()
-    transfer = offload_module.HostTransfer(pieces_per_tensor=3)
+    transfer = offload_module.HostTransfer(pieces_per_tensor=3, threads=1)
+    threads = torch.get_num_threads()
     rows = offload_module.host_page_rows(indices, Hkv, capacity // P)
     slot = transfer.gather(keys.view(-1, P * D), values.view(-1, P * D), rows, torch.device("cpu"), False)
+    assert torch.get_num_threads() == threads  # the gather's thread count is restored
     gathered_k = slot["dev_k"].view(B, heads, k * P, D)
     gathered_v = slot["dev_v"].view(B, heads, k * P, D)
     expand = heads // Hkv
@@ -222,6 +224,8 @@ def test_host_gather_is_gather_retrieve(heads, dtype):
             n = int(lengths[b, h])
             assert torch.equal(gathered_k[b, h, :n], want_k[b, h, :n])
             assert torch.equal(gathered_v[b, h, :n], want_v[b, h, :n])
+    with pytest.raises(ValueError, match="threads must be None .* or >= 1, got 0"):
+        offload_module.HostTransfer(threads=0)
     with pytest.raises(ValueError, match="4 heads, not a multiple of the 3 kv heads"):
         offload_module.host_page_rows(torch.zeros(1, 4, 2, dtype=torch.int32), 3, 8)
 

@@ -282,10 +282,13 @@ class HostTransfer:
     while the shapes stay the same.
     """
 
-    def __init__(self, pieces_per_tensor: int = 2):
+    def __init__(self, pieces_per_tensor: int = 2, threads: Optional[int] = None):
         if pieces_per_tensor < 1:
             raise ValueError(f"HostTransfer: pieces_per_tensor must be >= 1, got {pieces_per_tensor}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"HostTransfer: threads must be None (torch's intra-op threads) or >= 1, got {threads}")
         self.pieces_per_tensor = pieces_per_tensor
+        self.threads = threads  # intra-op threads of the host gather (None: torch.get_num_threads())
         self.slots: List[Optional[dict]] = [None, None]
         self.turn = 0
         self.stream = None
@@ -344,16 +347,23 @@ class HostTransfer:
                 # The device slot may still be read by the Apply of two sparse layers ago.
                 self.stream.wait_event(slot["consumed"])
         bounds = [rows * i // self.pieces_per_tensor for i in range(self.pieces_per_tensor + 1)]
-        for source, host, dev in ((host_keys, slot["host_k"], slot["dev_k"]),
-                                  (host_values, slot["host_v"], slot["dev_v"])):
-            for start, end in zip(bounds, bounds[1:]):
-                if start == end:
-                    continue
-                # The host gathers this piece while the previous one is in flight.
-                torch.index_select(source, 0, flat_pages[start:end], out=host[start:end])
-                if cuda:
-                    with torch.cuda.stream(self.stream):
-                        dev[start:end].copy_(host[start:end], non_blocking=pinned)
+        threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            for source, host, dev in ((host_keys, slot["host_k"], slot["dev_k"]),
+                                      (host_values, slot["host_v"], slot["dev_v"])):
+                for start, end in zip(bounds, bounds[1:]):
+                    if start == end:
+                        continue
+                    # The host gathers this piece while the previous one is in flight.
+                    torch.index_select(source, 0, flat_pages[start:end], out=host[start:end])
+                    if cuda:
+                        with torch.cuda.stream(self.stream):
+                            dev[start:end].copy_(host[start:end], non_blocking=pinned)
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(threads)
         if cuda:
             copied = torch.cuda.Event()
             copied.record(self.stream)
