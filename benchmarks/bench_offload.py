@@ -164,7 +164,7 @@ def host_gather_gbps(model, args, cell: Cell, dtype) -> dict:
     return result
 
 
-def planner_prediction(model, args, cell: Cell, dtype, measured: dict) -> dict:
+def planner_prediction(model, args, cell: Cell, dtype, measured: dict, gpu: str = "cuda") -> dict:
     """What torch_memops.plan predicts for the all-GPU and the host-memory placements at this cell
     (memory-processing steps only, from its calibration of the real ops here), next to the measured
     difference of the two rows."""
@@ -172,10 +172,10 @@ def planner_prediction(model, args, cell: Cell, dtype, measured: dict) -> dict:
 
     memops = hf.MemopsConfig(page_size=args.page_size, token_budget=args.budget, dense_layers=args.dense_layers)
     shape = plan.shape_for(model.config, memops, cell.context, cell.batch, dtype)
-    costs = plan.calibrate(shape, ["cpu", "cuda"], "cuda", repeats=3)
+    costs = plan.calibrate(shape, sorted({"cpu", gpu}), gpu, repeats=3)
     out = {}
-    for name, placement in (("all-gpu", plan.Placement("cuda", "cuda", "cuda", "cuda")),
-                            ("host-memory", plan.Placement("cuda", "cuda", "cpu", "cuda"))):
+    for name, placement in (("all-gpu", plan.Placement(gpu, gpu, gpu, gpu)),
+                            ("host-memory", plan.Placement(gpu, gpu, "cpu", gpu))):
         predicted = plan.predict(costs, placement)["per_token_ms"]
         out[name] = {step: round(predicted[step], 3) for step in plan.MEMORY_STEPS}
         out[name]["memory_ms"] = round(sum(predicted[step] for step in plan.MEMORY_STEPS), 3)

@@ -42,3 +42,16 @@ def test_transformers_offloaded_cache_is_found():
     cache, name = bench_offload.hf_offloaded_cache(model)
     assert name in ("DynamicCache(offloading=True)", "OffloadedCache()")
     assert getattr(cache, "offloading", True)
+
+
+def test_planner_prediction_reports_both_placements():
+    # On the CPU both placements are the CPU; this runs the code that the GPU run uses with "cuda".
+    model = bench_offload.build_model(bench_offload.TINY, 4, bench_offload.torch.float32, "cpu")
+    args = bench_offload.argparse.Namespace(page_size=16, budget=128, dense_layers=2)
+    out = bench_offload.planner_prediction(model, args, bench_offload.Cell(2, 512), bench_offload.torch.float32,
+                                           {"gpu-ours": 10.0, "offload-ours": 12.5}, gpu="cpu")
+    for name in ("all-gpu", "host-memory"):
+        assert set(out[name]) == {"prepare", "relevancy", "retrieval", "apply", "memory_ms"}
+        assert out[name]["memory_ms"] > 0
+    assert out["measured_extra_ms"] == 2.5
+    assert out["predicted_extra_ms"] == round(out["host-memory"]["memory_ms"] - out["all-gpu"]["memory_ms"], 3)
