@@ -19,6 +19,7 @@ from torch_memops import reference
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_e2e  # noqa: E402
 import flashinfer_paged as fi  # noqa: E402
+import trace_e2e  # noqa: E402
 
 
 def ascending_pages(B, H, N, k, num_pages):
@@ -273,3 +274,14 @@ def test_bench_e2e_cpu_smoke_writes_its_table(tmp_path):
     saved = json.loads((tmp_path / "bench_e2e-test.json").read_text())
     assert saved["rows"][0]["cell"] == "B2 S256" and saved["environment"]["transformers"]
     assert "| B2 S256 |" in (tmp_path / "bench_e2e-test.md").read_text()
+
+
+def test_trace_e2e_cpu_smoke_reports_each_row(tmp_path):
+    result = trace_e2e.main(["--cpu-smoke", "--rows", "stock-dynamic,ours-eager", "--out", str(tmp_path), "--tag=-t"])
+    rows = {row["row"]: row for row in result["rows"]}
+    assert set(rows) == {"stock-dynamic", "ours-eager"}
+    for row in rows.values():
+        assert row["status"] == "ok", row["status"]
+        # CPU: no CUDA kernels; the host-side counters still exist.
+        assert row["extra"]["kernels_per_token"] == 0 and row["extra"]["profiled_wall_ms_per_token"] > 0
+    assert "| B2 S512 | ours-eager |" in (tmp_path / "trace_e2e-t.md").read_text()

@@ -10,6 +10,7 @@ from host_sync import HostSyncError, forbid_host_sync  # noqa: E402
 from test_hf import FULL_BUDGET, PAGE, prompt, tiny_model  # noqa: E402
 
 from torch_memops import hf  # noqa: E402
+from torch_memops.hf.rows import put_at_rows  # noqa: E402
 
 # aot_eager runs Dynamo (graph breaks, guards), AOT autograd and functionalization over the ops'
 # fake kernels, which is what can fail in our code; inductor adds code generation for the dense
@@ -193,3 +194,28 @@ def test_static_cache_refuses_what_it_cannot_hold():
     with hf.enable(model, config) as session:
         with pytest.raises(ValueError, match="keeps every step on one device"):
             greedy_loop(model, session.new_cache(max_cache_len=128), prompt(length=20), steps=0)
+
+
+def _scatter_write(buffer, positions, values):
+    batch, heads = buffer.shape[:2]
+    index = positions.long().view(batch, 1, 1, 1).expand(batch, heads, 1, buffer.shape[3])
+    buffer.scatter_(2, index, values[:, :, None])
+
+
+@pytest.mark.parametrize("write, in_place", [(put_at_rows, True), (_scatter_write, False)])
+def test_compiled_row_write_stays_in_place(write, in_place):
+    """The decode write that inductor keeps in place (index_put_): its generated code touches the
+    written elements only. The scatter_ control shows the check sees a whole-buffer copy (on an
+    H200 that copy was 28 ms of a 45 ms token at batch 8, 32K)."""
+    from torch._inductor.utils import run_and_get_code
+
+    buffer = torch.zeros(2, 3, 4096, 64)
+    torch._dynamo.mark_static_address(buffer)
+    positions, values = torch.tensor([5, 4000], dtype=torch.int32), torch.randn(2, 3, 64)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(write, fullgraph=True), buffer, positions, values)
+    torch._dynamo.reset()
+    assert torch.equal(buffer[0, :, 5], values[0]) and torch.equal(buffer[1, :, 4000], values[1])
+    assert int((buffer != 0).sum()) == values.numel()
+    whole_buffer_loop = str(buffer.numel()) in "\n".join(code)
+    assert whole_buffer_loop is not in_place

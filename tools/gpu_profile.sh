@@ -13,24 +13,12 @@ SRC=/tmp/memops-src
 mkdir -p "$OUT"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/nvidia-smi.txt" 2>&1
-mkdir -p "$SRC"
-tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - . | (cd "$SRC" && tar -xf -)
+# The build (and the copy of the tree in $SRC) is gpu_bench.sh's build stage: reused when the
+# sources match a build already there.
+BUDGET_S=$BUDGET_S STAGES=build OUT="$OUT" bash tools/gpu_bench.sh | grep -E "^build|^torch|rror"
 cd "$SRC" || exit 1
 export PYTHONPATH="$SRC"
-stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
-if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
-  cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
-else
-  t0=$(date +%s)
-  if ! { cmake -S . -B build/cuda -G Ninja -DMEMOPS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
-         cmake --build build/cuda -j16; } > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; exit 1
-  fi
-  cp torch_memops/_C*.so build/cuda/ 2>/dev/null
-  echo "$stamp" > build/cuda/.stamp
-  echo "build: $(( $(date +%s) - t0 )) s"
-fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 deadline=$((start + BUDGET_S - 20))
 timeout $((deadline - $(date +%s) + 15)) python3 tools/gpu_profile.py --out "$OUT" \
   --contexts "${CONTEXTS:-8192,32768}" --batches "${BATCHES:-1}" --budget "${BUDGET_TOKENS:-2048}" \

@@ -8,7 +8,7 @@ Two forms share this class:
   Memory can name the first changed page. Steps may sit on different devices.
 - **static** (a fixed ``capacity``, e.g. ``max_cache_len``): every buffer is allocated once, at
   full size, and marked as a static address for ``torch.compile``/CUDA graphs; the row lengths
-  live only on the device and a decode write is a scatter at ``seq_lens[b]``; nothing in a decode
+  live only on the device and a decode write is an in-place ``index_put_`` at ``seq_lens[b]``; nothing in a decode
   step reads a value back to the host or allocates by data. All steps on one device.
 
 Every row holds a valid prefix of ``seq_lens[b]`` tokens (left padding is removed after the
@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
+
+from .rows import put_at_rows
 
 # A dynamic buffer grows by at least this many tokens, so that decode steps rarely reallocate.
 GROWTH_TOKENS = 256
@@ -186,10 +188,8 @@ class LayerStorage:
         """Append one token per row at ``seq_lens[b]``, then refresh the summary of its page."""
         if self.static:
             lens = self.seq_lens[self.memory_device]
-            batch, heads = key_states.shape[:2]
-            positions = lens.to(torch.long).view(batch, 1, 1, 1)
             for buf, states in self._key_targets(key_states, value_states):
-                buf.scatter_(2, positions.expand(batch, heads, 1, buf.shape[3]), states)
+                put_at_rows(buf, lens, states[:, :, 0])
             lens.add_(1)
             if self.has_summary:
                 self.method.prepare_decode(self.summary, self.keys, self.page_size, lens)

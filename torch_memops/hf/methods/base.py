@@ -16,6 +16,8 @@ from torch import Tensor
 
 from torch_memops import ops
 
+from ..rows import put_at_rows
+
 if TYPE_CHECKING:
     from ..config import MemopsConfig
 
@@ -43,6 +45,29 @@ class SelectionInputs:
     scale: float
     config: "MemopsConfig"
     layer_idx: int
+
+
+def newest_page_tokens(keys: Tensor, page_size: int, seq_lens: Tensor):
+    """The page holding each row's newest token: ``(page [B], tokens [B, H, P, D], valid [B, 1, P, 1])``.
+
+    ``seq_lens`` counts the newest token; positions past a row's length (or the buffer's end)
+    are gathered clamped and marked invalid. Pure tensor code, no host synchronisation.
+    """
+    batch, heads, capacity, dim = keys.shape
+    lens = seq_lens.to(torch.long)
+    page = (lens - 1).div(page_size, rounding_mode="floor")
+    positions = page[:, None] * page_size + torch.arange(page_size, device=keys.device)
+    valid = (positions < lens[:, None])[:, None, :, None]
+    index = positions.clamp(max=capacity - 1)[:, None, :, None].expand(batch, heads, page_size, dim)
+    return page, keys.gather(2, index), valid
+
+
+def newest_page_minmax(keys: Tensor, page_size: int, seq_lens: Tensor):
+    """``(page [B], [B, H, 2, D])``: the exact min and max of each row's newest page."""
+    page, tokens, valid = newest_page_tokens(keys, page_size, seq_lens)
+    low = torch.where(valid, tokens, tokens.new_tensor(float("inf"))).amin(dim=2)
+    high = torch.where(valid, tokens, tokens.new_tensor(float("-inf"))).amax(dim=2)
+    return page, torch.stack((low, high), dim=2)
 
 
 class Method:
@@ -81,24 +106,14 @@ class Method:
         the summary of :func:`torch_memops.ops.prepare_memory` for that page (minmax exactly,
         mean up to float32 summation order).
         """
-        batch, heads, capacity, dim = keys.shape
-        lens = seq_lens.to(torch.long)
-        page = (lens - 1).div(page_size, rounding_mode="floor")
-        positions = page[:, None] * page_size + torch.arange(page_size, device=keys.device)
-        valid = (positions < lens[:, None])[:, None, :, None]
-        index = positions.clamp(max=capacity - 1)[:, None, :, None].expand(batch, heads, page_size, dim)
-        tokens = keys.gather(2, index)
         if self.summary_mode == "minmax":
-            low = torch.where(valid, tokens, tokens.new_tensor(float("inf"))).amin(dim=2)
-            high = torch.where(valid, tokens, tokens.new_tensor(float("-inf"))).amax(dim=2)
-            page_summary = torch.stack((low, high), dim=2)
+            page, page_summary = newest_page_minmax(keys, page_size, seq_lens)
         else:
+            page, tokens, valid = newest_page_tokens(keys, page_size, seq_lens)
             total = torch.where(valid, tokens.float(), 0.0).sum(dim=2)
             count = valid.sum(dim=2).clamp(min=1)
             page_summary = (total / count).to(summary.dtype)[:, :, None]
-        reps = page_summary.shape[2]
-        target = page[:, None, None, None, None].expand(batch, heads, 1, reps, dim)
-        summary.scatter_(2, target, page_summary[:, :, None])
+        put_at_rows(summary, page, page_summary)
 
     def select(self, inputs: SelectionInputs) -> Optional[Tensor]:
         """Relevancy + top-k: ``int32 [B, Hkv, k]`` (or ``[B, Hq, k]``) page indices, ascending,

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from torch_memops import ops, reference
 
-from .base import Method, SelectionInputs
+from ..rows import put_at_rows
+from .base import Method, SelectionInputs, newest_page_minmax
 
 
 def packed_views(summary: Tensor) -> ops.QuantizedSummary:
@@ -46,20 +47,11 @@ class QuestInt8(Method):
     def prepare_decode(self, summary, keys, page_size, seq_lens):
         # The exact min/max of each row's newest page (as Method.prepare_decode), quantised by
         # reference.quantize_minmax (pure tensor code, the kernels' codes and scales exactly).
-        batch, heads, capacity, dim = keys.shape
-        lens = seq_lens.to(torch.long)
-        page = (lens - 1).div(page_size, rounding_mode="floor")
-        positions = page[:, None] * page_size + torch.arange(page_size, device=keys.device)
-        valid = (positions < lens[:, None])[:, None, :, None]
-        index = positions.clamp(max=capacity - 1)[:, None, :, None].expand(batch, heads, page_size, dim)
-        tokens = keys.gather(2, index)
-        low = torch.where(valid, tokens, tokens.new_tensor(float("inf"))).amin(dim=2)
-        high = torch.where(valid, tokens, tokens.new_tensor(float("-inf"))).amax(dim=2)
-        codes, scales = reference.quantize_minmax(torch.stack((low, high), dim=2))  # [B, H, 2, D], [B, H]
+        page, minmax = newest_page_minmax(keys, page_size, seq_lens)
+        codes, scales = reference.quantize_minmax(minmax)  # [B, H, 2, D], [B, H]
         views = packed_views(summary)
-        target = page[:, None, None, None, None].expand(batch, heads, 1, 2, dim)
-        views.codes.scatter_(2, target, codes[:, :, None])
-        views.scales.scatter_(2, page[:, None, None].expand(batch, heads, 1), scales[:, :, None])
+        put_at_rows(views.codes, page, codes)
+        put_at_rows(views.scales, page, scales)
 
     def select(self, inputs: SelectionInputs):
         cfg = inputs.config
