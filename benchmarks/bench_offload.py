@@ -338,6 +338,7 @@ def main(argv=None):
     else:
         result["cap"] = {"why": "CPU run: torch.cuda.set_per_process_memory_fraction needs CUDA"}
     measured = {}
+    cuda_index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == 'cuda' else 0)
     for spec in rows:
         if time.time() > deadline - args.row_margin:
             result["skipped"].append(f"{spec.name}: deadline")
@@ -345,7 +346,7 @@ def main(argv=None):
             continue
         if fraction is not None:
             free(device)
-            torch.cuda.set_per_process_memory_fraction(fraction if spec.capped else 1.0, device)
+            torch.cuda.set_per_process_memory_fraction(fraction if spec.capped else 1.0, cuda_index)
         if spec.hf_offloaded and device.type != "cuda":
             row = bench_e2e.RowResult(cell.label, spec.name, spec.what, status="skipped: transformers' offloaded "
                                       "cache needs CUDA streams")
@@ -366,7 +367,7 @@ def main(argv=None):
         ms = "" if row.ms_per_token is None else f"{row.ms_per_token:8.2f} ms/step"
         print(f"{spec.name:<18} {ms} warm-up {row.warmup_s} s {row.status}", flush=True)
     if fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda_index)
     free(device)
     if device.type == "cuda" and not args.no_plan and time.time() < deadline - args.row_margin:
         try:
