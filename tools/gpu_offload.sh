@@ -11,8 +11,8 @@
 #   OFFLOAD_ARGS="--budget 1024 --page-size 16 --new-tokens 8 --repeats 3 --warmup 1 --kv-over-free 3"
 #   TAG=""                  suffix of the result files
 #
-# It builds the CUDA extension in a copy of the tree under /tmp/memops-src (reused when a build of
-# the same sources is there: build/cuda/.stamp, as tools/gpu_bench.sh writes it) and runs from it.
+# It builds the CUDA extension through tools/gpu_bench.sh's build stage (a copy of the tree under
+# /tmp/memops-src, reused when build/cuda/.stamp matches the sources) and runs from that copy.
 # CPU dry run of the same script (no build, the tiny model): CPU_SMOKE=1 tools/gpu_offload.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/memops-gpu-out}"
@@ -22,7 +22,7 @@ LAYERS="${LAYERS:-16}"
 OFFLOAD_ARGS="${OFFLOAD_ARGS:---budget 1024 --page-size 16 --new-tokens 8 --repeats 3 --warmup 1 --kv-over-free 3}"
 TAG="${TAG:-}"
 CPU_SMOKE="${CPU_SMOKE:-0}"
-SRC="${MEMOPS_SRC:-/tmp/memops-src}"
+SRC=/tmp/memops-src  # where tools/gpu_bench.sh builds
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the benchmark runs from the /tmp copy
 start=$(date +%s)
 end=$((start + BUDGET_S - 15))
@@ -36,30 +36,17 @@ if [ "$CPU_SMOKE" = 1 ]; then
   [ -f "$OUT/bench_offload$TAG.md" ] && sed -n '/^| row |/,/^$/p' "$OUT/bench_offload$TAG.md"
   exit 0
 fi
+
+# The copy of the tree in /tmp/memops-src and the CUDA build: gpu_bench.sh's build stage (reused
+# when the sources match a build already there).
+BUDGET_S=$BUDGET_S STAGES=build OUT="$OUT" bash tools/gpu_bench.sh | grep -E "^build|rror"
+export PYTHONPATH="$SRC"
+[ -d /tmp/memops-site ] && export PYTHONPATH="/tmp/memops-site:$SRC"
+cd "$SRC" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max \
   --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 lscpu > "$OUT/lscpu.txt" 2>&1
 free -g > "$OUT/free.txt" 2>&1
-
-# A copy of the tree: sources of this call, build outputs kept when the sources are unchanged.
-mkdir -p "$SRC"
-tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - . | (cd "$SRC" && tar -xf -)
-export PYTHONPATH="$SRC"
-[ -d /tmp/memops-site ] && export PYTHONPATH="/tmp/memops-site:$SRC"
-cd "$SRC" || exit 1
-stamp=$(cat CMakeLists.txt $(find csrc cmake -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
-if [ -f build/cuda/.stamp ] && [ "$(cat build/cuda/.stamp)" = "$stamp" ] && ls build/cuda/_C*.so > /dev/null 2>&1; then
-  cp build/cuda/_C*.so torch_memops/ && echo "build: reused (same sources)"
-else
-  t0=$(date +%s)
-  if ! { cmake -S . -B build/cuda -G Ninja -DMEMOPS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
-         cmake --build build/cuda -j16; } > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; exit 1
-  fi
-  cp torch_memops/_C*.so build/cuda/ 2>/dev/null
-  echo "$stamp" > build/cuda/.stamp
-  echo "build: $(( $(date +%s) - t0 )) s"
-fi
 python3 -c "import torch, transformers, torch_memops; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | tail -1
 
