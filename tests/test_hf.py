@@ -260,8 +260,29 @@ def test_enable_and_exit_restore_bit_identical_outputs():
     assert model.config._attn_implementation == "sdpa"
     assert "memops" not in AttentionInterface._global_mapping
     assert "memops" not in AttentionMaskInterface._global_mapping
-    assert "_prepare_cache_for_generation" not in model.__dict__
+    assert "_prepare_cache_for_generation" not in model.__dict__ and "generate" not in model.__dict__
     assert torch.equal(before, after)
+
+
+def test_generate_releases_its_cache_when_it_returns():
+    """The session forgets the cache of a finished generate() call: nothing but the caller keeps it."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    ids = prompt()
+    with hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=2 * PAGE)) as session:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = weakref.ref(getattr(out, "cache", None) or out.past_key_values)
+        assert type(cache()).__name__ == "MemopsCache" and session.active_cache is None
+        del out
+        gc.collect()
+        assert cache() is None
+        # A manual loop sets it again for its forward.
+        manual = session.new_cache()
+        with torch.no_grad():
+            model(ids, use_cache=True, **{hf.cache_argument(model): manual})
+        assert session.active_cache is manual
 
 
 def test_exit_restores_after_an_exception():

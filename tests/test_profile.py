@@ -36,12 +36,12 @@ def profiled_generate(placement=None, meters=None, length=150, sync=False, throu
             prof.attach(session if through_session else cache)
             kwargs = {} if through_session else {hf.cache_argument(model): cache}
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                               min_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=[prof.token_clock()],
-                               **kwargs)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False,
+                                     logits_processor=[prof.token_clock()], return_dict_in_generate=True, **kwargs)
         if through_session:
             assert "new_cache" not in vars(session), "the session is restored when the profiler exits"
-            cache = session.active_cache
+            cache = getattr(out, "cache", None) or out.past_key_values  # the one generate() made
     return prof, cache
 
 

@@ -3,6 +3,7 @@ and the one patch of ``generate``'s cache preparation; all reverted on exit."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
@@ -129,6 +130,21 @@ def _replace_generated_cache(session: Session, prepare_cache):
     return prepare_cache_for_generation
 
 
+def _release_cache_after(session: Session, generate):
+    """Wrap ``generate``: when it returns, the session drops its reference to the cache the call
+    used, so that the cache is freed with the caller's references (else a server's next call
+    would build its cache while the last one still held its buffers)."""
+
+    @functools.wraps(generate)
+    def generate_and_release(*args, **kwargs):
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            session.active_cache = None
+
+    return generate_and_release
+
+
 @contextmanager
 def enable(model, config: Optional[MemopsConfig] = None) -> Iterator[Session]:
     """Run ``model`` through the memops pipeline inside the context; restore it on exit.
@@ -170,9 +186,11 @@ def enable(model, config: Optional[MemopsConfig] = None) -> Iterator[Session]:
             setattr(module, SESSION_ATTRIBUTE, session)
         model.set_attn_implementation(ATTENTION_NAME)
         model._prepare_cache_for_generation = _replace_generated_cache(session, model._prepare_cache_for_generation)
+        model.generate = _release_cache_after(session, model.generate)
         yield session
     finally:
         model.__dict__.pop("_prepare_cache_for_generation", None)
+        model.__dict__.pop("generate", None)
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
         for module in modules:
