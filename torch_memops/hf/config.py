@@ -47,6 +47,10 @@ class MemopsConfig:
         Leading layers that keep dense attention (Quest keeps the first two).
     group_reduce : {"max", "sum"}
         How the query heads of a GQA group share one selection.
+    top_p : float
+        For ``method="quest_topp"`` (an adaptive budget): the estimated attention mass that the
+        selected pages must reach, in ``(0, 1]``; ``token_budget`` is then the maximum. Other
+        methods ignore it.
     placement : mapping
         Device of each step in ``("prepare", "relevancy", "retrieval", "apply")``: ``"auto"``
         (the model's device, the default), ``"cpu"``, ``"cuda"`` or ``"fpga"``. The keys and
@@ -62,6 +66,7 @@ class MemopsConfig:
     recent_pages: int = 1
     dense_layers: int = 2
     group_reduce: str = "max"
+    top_p: float = 0.95
     placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -81,6 +86,8 @@ class MemopsConfig:
             )
         if self.group_reduce not in ("max", "sum"):
             raise ValueError(f"MemopsConfig.group_reduce must be 'max' or 'sum', got {self.group_reduce!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"MemopsConfig.top_p must be a number in (0, 1], got {self.top_p!r}")
         if not isinstance(self.placement, Mapping):
             raise ValueError(f"MemopsConfig.placement must be a mapping step -> device, got {self.placement!r}")
         for step, kind in self.placement.items():
