@@ -29,9 +29,9 @@ def topp_inputs(query, keys, summary, seq_lens, page, budget, top_p, sink=1, rec
 
 
 def reference_topp(query, keys, seq_lens, page, budget, top_p, sink, recent, reduce, estimate):
-    """Per (row, kv head): the selected page set and the cumulative estimated mass at each ranked
-    position, by explicit float64 loops from the keys (their per-page min/max and Quest's bound, or
-    the mean of Quest's upper and lower bounds)."""
+    """Per (row, kv head): the selected page set, the cumulative estimated mass at each selected
+    position and each page's estimated logit, by explicit float64 loops from the keys (their
+    per-page min/max; Quest's bound, or the mean of Quest's upper and lower bounds)."""
     batch, query_heads, dim = query.shape
     kv_heads = keys.shape[1]
     group = query_heads // kv_heads
@@ -41,27 +41,23 @@ def reference_topp(query, keys, seq_lens, page, budget, top_p, sink, recent, red
         length = int(seq_lens[b])
         pages = math.ceil(length / page)
         for kv in range(kv_heads):
-            per_head = []
-            for g in range(group):
-                q = query[b, kv * group + g].double()
-                logits = []
-                for n in range(pages):
-                    chunk = keys[b, kv, n * page:min((n + 1) * page, length)].double()
-                    low, high = chunk.min(0).values, chunk.max(0).values
+            logits = []
+            for n in range(pages):
+                chunk = keys[b, kv, n * page:min((n + 1) * page, length)].double()
+                low, high = chunk.min(0).values, chunk.max(0).values
+                heads = []
+                for g in range(group):
+                    q = query[b, kv * group + g].double()
                     terms = [(float(q[d] * low[d]), float(q[d] * high[d])) for d in range(dim)]
-                    if estimate == "bound":
-                        bound = sum(max(t) for t in terms)
-                    else:
-                        bound = (sum(max(t) for t in terms) + sum(min(t) for t in terms)) / 2
-                    logits.append(bound * scale + math.log(chunk.shape[0]))
-                top = max(logits)
-                weights = [math.exp(x - top) for x in logits]
-                per_head.append([w / sum(weights) for w in weights])
-            reduced = [(max if reduce == "max" else sum)(h[n] for h in per_head) for n in range(pages)]
-            mass = [m / sum(reduced) for m in reduced]
+                    upper = sum(max(t) for t in terms)
+                    heads.append(upper if estimate == "bound" else (upper + sum(min(t) for t in terms)) / 2)
+                score = max(heads) if reduce == "max" else sum(heads) / group
+                logits.append(score * scale + math.log(chunk.shape[0]))
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            mass = [w / sum(weights) for w in weights]
             forced = [n for n in range(pages) if n < sink or n >= pages - recent]
-            rest = sorted((n for n in range(pages) if n not in forced), key=lambda n: (-mass[n], n))
-            ranking = forced + rest
+            ranking = forced + sorted((n for n in range(pages) if n not in forced), key=lambda n: (-logits[n], n))
             chosen, total, cumulative = [], 0.0, []
             for n in ranking:
                 if len(chosen) >= budget or (len(chosen) >= len(forced) and total >= top_p and top_p < 1):
@@ -69,7 +65,7 @@ def reference_topp(query, keys, seq_lens, page, budget, top_p, sink, recent, red
                 chosen.append(n)
                 total += mass[n]
                 cumulative.append(total)
-            out[b, kv] = (set(chosen), cumulative, mass)
+            out[b, kv] = (set(chosen), cumulative, logits)
     return out
 
 
@@ -92,7 +88,7 @@ def test_selection_is_the_shortest_ranked_prefix_reaching_top_p(method, estimate
     assert got.shape == (3, kv_heads, budget) and got.dtype == torch.int32
     want = reference_topp(query, keys, seq_lens, page, budget, top_p, 1, 1, reduce, estimate)
     sizes = set()
-    for (b, kv), (expected, cumulative, mass) in want.items():
+    for (b, kv), (expected, cumulative, logits) in want.items():
         row = got[b, kv].tolist()
         selected = [p for p in row if p >= 0]
         assert row == selected + [-1] * (budget - len(selected)), f"-1 padding only at the end: {row}"
@@ -102,8 +98,8 @@ def test_selection_is_the_shortest_ranked_prefix_reaching_top_p(method, estimate
             # only a float32 rounding at the p boundary (or a tie in mass) may differ
             near = any(abs(c - top_p) < 1e-5 for c in cumulative[-2:])
             swapped = set(selected) ^ expected
-            tie = len(set(selected)) == len(expected) and max(mass[p] for p in swapped) - min(
-                mass[p] for p in swapped) < 1e-6
+            tie = len(set(selected)) == len(expected) and max(logits[p] for p in swapped) - min(
+                logits[p] for p in swapped) < 1e-5
             assert near or tie, (b, kv, sorted(selected), sorted(expected))
     assert len(sizes) > 1 or top_p == 0.95, "the budget adapts: different rows select different page counts"
 
@@ -117,11 +113,23 @@ def test_top_p_one_selects_every_page_up_to_the_budget():
     assert every[0].tolist() == [list(range(12)) + [-1, -1]] * 2
     assert every[1].tolist() == [list(range(6)) + [-1] * 8] * 2
     capped = methods.get_method("quest_topp").select(topp_inputs(query, keys, summary, seq_lens, 8, 5, 1.0))
-    _, quest = reference.topk_relevancy(query, summary, 5, mode="bound", num_pages=(seq_lens.to(torch.int32) + 7) // 8,
-                                        sink_pages=1, recent_pages=1)
     assert (capped >= 0).sum(-1).tolist() == [[5, 5], [5, 5]], "capped by the budget"
     assert capped[0, :, 0].tolist() == [0, 0] and capped[0, :, -1].tolist() == [11, 11], "sink and recent pages"
-    assert quest.shape == capped.shape
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_where_the_budget_binds_the_selection_is_quests(reduce):
+    """top_p = 1 (or a p the budget cuts short) at budget k: exactly quest's top-k pages."""
+    keys = torch.randn(3, 2, 200, 16)
+    seq_lens = torch.tensor([200, 131, 60], dtype=torch.int32)
+    summary = reference.prepare_memory(keys, 8, mode="minmax", seq_lens=seq_lens)
+    query = torch.randn(3, 6, 16) * 2
+    _, quest = reference.topk_relevancy(query, summary, 6, mode="bound", num_pages=(seq_lens + 7) // 8,
+                                        sink_pages=2, recent_pages=1, group_reduce=reduce)
+    for top_p in (1.0, 0.99999):
+        got = methods.get_method("quest_topp").select(topp_inputs(query, keys, summary, seq_lens, 8, 6, top_p, sink=2,
+                                                                  reduce=reduce))
+        assert torch.equal(got, quest), top_p
 
 
 def test_top_p_one_at_full_budget_equals_dense():
