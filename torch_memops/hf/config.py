@@ -32,11 +32,12 @@ class MemopsConfig:
     method : str
         A name of the method registry (:data:`torch_memops.hf.methods.METHODS`): ``"quest"``
         (per-page min/max of the keys, scored by Quest's upper bound), ``"mean"`` (mean-pooled
-        keys scored by a dot product, InfLLM / SeerAttention-style) or ``"dense"`` (every valid
-        token, through the same cache and kernel; for comparison).
+        keys scored by a dot product, InfLLM / SeerAttention-style), ``"quest_topp"`` (Quest
+        with an adaptive budget, see ``top_p``) or ``"dense"`` (every valid token, through the
+        same cache and kernel; for comparison); the evaluation selectors of ``docs/accuracy.md``.
     page_size : int
         Tokens per page. The default 8 came out closest to the oracle per byte read on
-        SmolLM2-135M at 4K context (``docs/accuracy.md``).
+        SmolLM2-135M at 4K context, and better than 16 at every budget at 8K (``docs/accuracy.md``).
     token_budget : int
         Tokens attended per decode step and kv head in the sparse layers; ``token_budget //
         page_size`` pages are selected.
