@@ -51,7 +51,8 @@ class MemopsConfig:
     top_p : float
         For ``method="quest_topp"`` (an adaptive budget): the estimated attention mass that the
         selected pages must reach, in ``(0, 1]``; ``token_budget`` is then the maximum. Other
-        methods ignore it.
+        methods ignore it. The estimate is overconfident: on SmolLM2 at 8K only the default
+        0.99999 kept ``quest``'s quality (``docs/accuracy.md``).
     placement : mapping
         Device of each step in ``("prepare", "relevancy", "retrieval", "apply")``: ``"auto"``
         (the model's device, the default), ``"cpu"``, ``"cuda"`` or ``"fpga"``. The keys and
@@ -67,7 +68,7 @@ class MemopsConfig:
     recent_pages: int = 1
     dense_layers: int = 2
     group_reduce: str = "max"
-    top_p: float = 0.95
+    top_p: float = 0.99999
     placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
