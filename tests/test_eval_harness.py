@@ -108,3 +108,23 @@ def test_plot_draws_quality_against_budget_and_bytes(tmp_path):
     path = tmp_path / "plot.png"
     assert evaluate.plot({"text": rows}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adaptive_budget_bytes_count_the_pages_actually_selected():
+    """quest_topp selects fewer than k pages: its row's kv bytes are the tokens the sparse layers
+    attended (counted from the cache, averaged over steps and rows), not k * P."""
+    torch.manual_seed(0)
+    model = _tiny_model()  # 5 layers, 2 dense, 3 sparse, 2 kv heads of 16, float32
+    text = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+    base = {"page_size": 8, "dense_layers": 2, "sink_pages": 1, "recent_pages": 1}
+    plans = [(evaluate.parse_variant(name), [128], "main") for name in ("quest", "quest_topp:top_p=0.5")]
+    rows = {row["selector"]: row for row in evaluate.text_task(model, text, 300, 5, 2, plans, base, 0,
+                                                                log=lambda message: None)}
+    row = 16 * 4
+    quest, topp = rows["quest"], rows["quest_topp:top_p=0.5"]
+    assert "attended_tokens" not in quest and quest["bytes_read"]["kv"] == 2 * row * (2 * 2 * 300 + 3 * 2 * 128)
+    attended = topp["attended_tokens"]
+    assert 3 * 2 * 2 * 8 <= attended < 3 * 2 * 128, "at least sink + recent pages, fewer than the budget"
+    assert topp["bytes_read"]["kv"] == 2 * row * (2 * 2 * 300 + attended)
+    assert topp["bytes_read"]["summary"] == quest["bytes_read"]["summary"], "every page's summary is scored"
+    assert topp["config"]["top_p"] == 0.5

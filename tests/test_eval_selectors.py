@@ -192,11 +192,12 @@ def test_per_query_head_selection_is_each_heads_own_topk(name, mode):
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
 def test_full_budget_equals_dense_for_every_selector(name):
-    """A budget above the context selects every page: logits equal dense SDPA attention's."""
+    """A budget above the context selects every page: logits equal dense SDPA attention's (top_p = 1:
+    an adaptive budget's full mass)."""
     model = tiny_model()
     ids = tokens(70)
     expected = decode_logits(model, transformers.DynamicCache(config=model.config), ids, 6)
-    config = hf.MemopsConfig(method=name, page_size=8, token_budget=1024, dense_layers=0)
+    config = hf.MemopsConfig(method=name, page_size=8, token_budget=1024, dense_layers=0, top_p=1.0)
     with hf.enable(model, config) as session:
         got = decode_logits(model, session.new_cache(), ids, 6)
     torch.testing.assert_close(got, expected, atol=LOGIT_ATOL, rtol=LOGIT_ATOL)

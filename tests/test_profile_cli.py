@@ -77,3 +77,14 @@ def test_plan_command_ranks_and_validates(tmp_path, capsys):
     assert any(r["fitted"] for r in rows)
     printed = capsys.readouterr().out
     assert "validation: predicted vs measured" in printed and "what-if u55c" in printed
+
+
+@pytest.mark.parametrize("command", ["demo", "profile", "plan"])
+def test_cli_page_size_defaults_to_memops_config(command):
+    """One source of truth: without --page-size the CLIs build MemopsConfig's default page size."""
+    from torch_memops import hf
+
+    parser = cli.build_parser()
+    build = cli._memops_config if command == "demo" else (lambda args: workload.memops_config(args, {}))
+    assert build(parser.parse_args([command])).page_size == hf.MemopsConfig().page_size
+    assert build(parser.parse_args([command, "--page-size", "32"])).page_size == 32

@@ -147,9 +147,10 @@ def _placement(args) -> dict:
 def _memops_config(args):
     from torch_memops import hf
 
-    return hf.MemopsConfig(method=args.method, page_size=args.page_size, token_budget=args.budget,
-                           sink_pages=args.sink_pages, recent_pages=args.recent_pages, dense_layers=args.dense_layers,
-                           placement=_placement(args))
+    page = {} if args.page_size is None else {"page_size": args.page_size}  # default: MemopsConfig's
+    return hf.MemopsConfig(method=args.method, token_budget=args.budget, sink_pages=args.sink_pages,
+                           recent_pages=args.recent_pages, dense_layers=args.dense_layers, placement=_placement(args),
+                           **page)
 
 
 def run_demo(args) -> dict:
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--context-tokens", type=int, default=2000, help="licence-text tokens in the prompt")
         sub.add_argument("--new-tokens", type=int, default=20)
         sub.add_argument("--budget", type=int, default=1024, help="tokens attended per decode step")
-        sub.add_argument("--page-size", type=int, default=16)
+        sub.add_argument("--page-size", type=int, help="tokens per page (default: MemopsConfig's page_size)")
         sub.add_argument("--method", default="quest", choices=("quest", "mean", "dense"))
         sub.add_argument("--sink-pages", type=int, default=1)
         sub.add_argument("--recent-pages", type=int, default=1)

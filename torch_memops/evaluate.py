@@ -45,7 +45,8 @@ PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant t
                  "I will quiz you about the important information there.\n")
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 # MemopsConfig fields that a variant may override, and how to read their values.
-_OVERRIDES = {"page_size": int, "dense_layers": int, "sink_pages": int, "recent_pages": int, "group_reduce": str}
+_OVERRIDES = {"page_size": int, "dense_layers": int, "sink_pages": int, "recent_pages": int, "group_reduce": str,
+              "top_p": float}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """``"method"`` or ``"method:key=value,key=value"`` (keys: page_size, dense_layers, sink_pages,
-    recent_pages, group_reduce)."""
+    recent_pages, group_reduce, top_p)."""
     method, _, rest = text.partition(":")
     overrides = []
     for item in filter(None, rest.split(",")):
@@ -97,6 +98,13 @@ def _text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
+def is_adaptive(method: str) -> bool:
+    """Whether ``method`` selects a varying number of pages (``budget_pages`` is its maximum)."""
+    from torch_memops.hf import methods
+
+    return bool(getattr(methods.get_method(method), "adaptive_budget", False))
+
+
 def _method_traits(method: str) -> Tuple[int, bool, bool]:
     """``(summary representatives per page, per-query-head selection, dense key scoring)``."""
     from torch_memops.hf import methods
@@ -105,14 +113,16 @@ def _method_traits(method: str) -> Tuple[int, bool, bool]:
     return entry.representatives, bool(getattr(entry, "per_query_head", False)), bool(getattr(entry, "scores_dense_keys", False))
 
 
-def bytes_per_step(model, config, context: int) -> Dict[str, int]:
+def bytes_per_step(model, config, context: int, attended: Optional[float] = None) -> Dict[str, int]:
     """Bytes one decode step at ``context`` cached tokens reads from the cache, over all layers (batch 1).
 
     ``summary``: page summaries scored by Compute Relevancy (``N * R * D`` elements per kv head;
     a selector that scores the keys themselves, the oracle, reads ``S * D`` but is an evaluation
     bound, and that is reported apart as ``oracle_keys``); ``kv``: keys and values attended (per
     kv head ``min(k * P, S)`` tokens, per query head for a per-query-head selection, every token in
-    a dense layer). Element size is the model's dtype.
+    a dense layer). Element size is the model's dtype. ``attended``: the tokens that the sparse
+    layers attended in one step, summed over layers and selection rows (an adaptive-budget selector
+    reads fewer than ``k * P``; the harness passes what it counted, averaged over steps and rows).
     """
     text = _text_config(model)
     layers, hq, hkv = text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads
@@ -123,11 +133,12 @@ def bytes_per_step(model, config, context: int) -> Dict[str, int]:
     pages = -(-context // config.page_size)
     reps, per_head, dense_keys = _method_traits(config.method)
     if config.method == "dense":  # selects every token through the sparse path
-        attended = context
+        per_row = context
     else:
-        attended = min(config.budget_pages * config.page_size, context)
+        per_row = min(config.budget_pages * config.page_size, context)
     rows = hq if per_head else hkv
-    kv = element * head_dim * 2 * (dense_layers * hkv * context + sparse_layers * rows * attended)
+    sparse_tokens = sparse_layers * rows * per_row if attended is None else attended
+    kv = element * head_dim * 2 * (dense_layers * hkv * context + sparse_tokens)
     summary = element * head_dim * sparse_layers * hkv * pages * reps
     oracle_keys = element * head_dim * sparse_layers * hkv * context if dense_keys else 0
     return {"summary": summary, "kv": kv, "total": summary + kv, "oracle_keys": oracle_keys,
@@ -151,10 +162,19 @@ def prefill(model, input_ids: torch.Tensor):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def teacher_forced_logits(model, cache, fed: torch.Tensor, steps: int) -> torch.Tensor:
+def attended_tokens(cache) -> Optional[torch.Tensor]:
+    """``int64 [B]``: tokens the last decode step attended in the sparse layers of a MemopsCache,
+    summed over layers and selection rows (kv or query heads); ``None`` if no layer recorded one."""
+    counts = [layer.attended_tokens().sum(-1) for layer in getattr(cache, "layers", ())
+              if getattr(layer, "sparse", False) and getattr(layer, "last_selection", None) is not None]
+    return torch.stack(counts).sum(0) if counts else None
+
+
+def teacher_forced_logits(model, cache, fed: torch.Tensor, steps: int, tally: Optional[list] = None) -> torch.Tensor:
     """``steps`` one-token forwards on ``cache``: the tokens of ``fed [B, n]`` first, then greedy ones.
 
     Returns ``float32 [B, steps, vocab]``; ``[:, i]`` predicts the token after the ``i``-th one fed.
+    ``tally``: a list that gets :func:`attended_tokens` of every step (for an adaptive budget).
     """
     from torch_memops import hf
 
@@ -165,6 +185,8 @@ def teacher_forced_logits(model, cache, fed: torch.Tensor, steps: int) -> torch.
         for step in range(steps):
             out = model(input_ids=token, use_cache=True, **{argument: cache})
             logits.append(out.logits[:, -1].float())
+            if tally is not None:
+                tally.append(attended_tokens(cache))
             token = fed[:, step + 1:step + 2] if step + 1 < fed.shape[1] else logits[-1].argmax(-1, keepdim=True)
     return torch.stack(logits, dim=1)
 
@@ -211,7 +233,8 @@ def _windows(tokens: List[int], window: int, count: int) -> List[List[int]]:
     return [tokens[i * stride:i * stride + window] for i in range(count)]
 
 
-def _row(variant: Optional[Variant], budget: Optional[int], model, base, context: int) -> dict:
+def _row(variant: Optional[Variant], budget: Optional[int], model, base, context: int,
+         attended: Optional[float] = None) -> dict:
     from torch_memops import hf
 
     if variant is None:
@@ -220,9 +243,12 @@ def _row(variant: Optional[Variant], budget: Optional[int], model, base, context
         return {"selector": "dense", "method": "dense", "budget": None, "bytes_read": bytes_read,
                 "config": None}
     config = variant.config(budget, base)
-    return {"selector": variant.label, "method": variant.method, "budget": budget,
-            "bytes_read": bytes_per_step(model, config, context),
-            "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "placement"}}
+    row = {"selector": variant.label, "method": variant.method, "budget": budget,
+           "bytes_read": bytes_per_step(model, config, context, attended),
+           "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "placement"}}
+    if attended is not None:
+        row["attended_tokens"] = attended  # per step, over the sparse layers and selection rows
+    return row
 
 
 def text_task(model, tokens: List[int], context: int, steps: int, windows: int, plans, base,
@@ -236,15 +262,22 @@ def text_task(model, tokens: List[int], context: int, steps: int, windows: int, 
     prefix = prefill(model, ids[:, :context])
     prefill_s = time.perf_counter() - start
     forced, targets = ids[:, context:context + steps], ids[:, context + 1:context + steps + 1]
-    runs = _runs(model, prefix, plans, base, context,
-                 lambda cache: teacher_forced_logits(model, cache, forced, steps), seed, log)
-    dense_logp = torch.log_softmax(runs[0][3], -1)
+
+    def run(cache):
+        tally = []
+        logits = teacher_forced_logits(model, cache, forced, steps, tally)
+        counted = [t for t in tally if t is not None]
+        return logits, (float(torch.stack(counted).double().mean()) if counted else None)
+
+    runs = _runs(model, prefix, plans, base, context, run, seed, log)
+    dense_logp = torch.log_softmax(runs[0][3][0], -1)
     dense_top = dense_logp.argmax(-1)
     dense_nll = float(-dense_logp.gather(-1, targets[..., None]).sum())
     per_run = []
-    for variant, budget, table, logits in runs:
+    for variant, budget, table, (logits, attended) in runs:
         logp = torch.log_softmax(logits, -1)
-        per_run.append({"table": table, **_row(variant, budget, model, base, context),
+        adaptive = variant is not None and is_adaptive(variant.method)
+        per_run.append({"table": table, **_row(variant, budget, model, base, context, attended if adaptive else None),
                         "agree": int((logp.argmax(-1) == dense_top).sum()), "positions": windows * steps,
                         "kl_sum": float((dense_logp.exp() * (dense_logp - logp)).sum()),
                         "nll_sum": float(-logp.gather(-1, targets[..., None]).sum()), "dense_nll_sum": dense_nll})

@@ -276,7 +276,7 @@ def add_common_arguments(sub) -> None:
     sub.add_argument("--batch", type=int, default=1, help="rows, each the same prompt (default: 1)")
     sub.add_argument("--budget", type=int, default=256,
                      help="tokens attended per decode step in the sparse layers (default: 256)")
-    sub.add_argument("--page-size", type=int, default=16, help="tokens per page (default: 16)")
+    sub.add_argument("--page-size", type=int, help="tokens per page (default: MemopsConfig's page_size)")
     sub.add_argument("--method", default="quest", choices=("quest", "mean", "dense"),
                      help="page summary and score: quest (min/max bound), mean (dot), dense (every page)")
     sub.add_argument("--dense-layers", type=int, default=2, help="leading layers kept dense (default: 2)")
@@ -316,8 +316,9 @@ def resolve_device(name: str) -> str:
 def memops_config(args, placement: Dict[str, str]):
     from torch_memops import hf
 
-    return hf.MemopsConfig(method=args.method, page_size=args.page_size, token_budget=args.budget,
-                           dense_layers=args.dense_layers, placement=placement)
+    page = {} if args.page_size is None else {"page_size": args.page_size}  # default: MemopsConfig's
+    return hf.MemopsConfig(method=args.method, token_budget=args.budget, dense_layers=args.dense_layers,
+                           placement=placement, **page)
 
 
 def profile_command(args) -> dict:

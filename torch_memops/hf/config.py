@@ -33,11 +33,12 @@ class MemopsConfig:
     method : str
         A name of the method registry (:data:`torch_memops.hf.methods.METHODS`): ``"quest"``
         (per-page min/max of the keys, scored by Quest's upper bound), ``"mean"`` (mean-pooled
-        keys scored by a dot product, InfLLM / SeerAttention-style) or ``"dense"`` (every valid
-        token, through the same cache and kernel; for comparison).
+        keys scored by a dot product, InfLLM / SeerAttention-style), ``"quest_topp"`` (Quest
+        with an adaptive budget, see ``top_p``) or ``"dense"`` (every valid token, through the
+        same cache and kernel; for comparison); the evaluation selectors of ``docs/accuracy.md``.
     page_size : int
         Tokens per page. The default 8 came out closest to the oracle per byte read on
-        SmolLM2-135M at 4K context (``docs/accuracy.md``).
+        SmolLM2-135M at 4K context, and better than 16 at every budget at 8K (``docs/accuracy.md``).
     token_budget : int
         Tokens attended per decode step and kv head in the sparse layers; ``token_budget //
         page_size`` pages are selected.
@@ -48,6 +49,11 @@ class MemopsConfig:
         Leading layers that keep dense attention (Quest keeps the first two).
     group_reduce : {"max", "sum"}
         How the query heads of a GQA group share one selection.
+    top_p : float
+        For ``method="quest_topp"`` (an adaptive budget): the estimated attention mass that the
+        selected pages must reach, in ``(0, 1]``; ``token_budget`` is then the maximum. Other
+        methods ignore it. The estimate is overconfident: on SmolLM2 at 8K only the default
+        0.99999 kept ``quest``'s quality (``docs/accuracy.md``).
     placement : mapping
         Device of each step in ``("prepare", "relevancy", "retrieval", "apply")``: ``"auto"``
         (the model's device, the default), ``"cpu"``, ``"cuda"`` or ``"fpga"``. The keys and
@@ -74,6 +80,7 @@ class MemopsConfig:
     recent_pages: int = 1
     dense_layers: int = 2
     group_reduce: str = "max"
+    top_p: float = 0.99999
     placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
     offload: Optional[str] = None
     pin_memory: bool = True
@@ -95,6 +102,8 @@ class MemopsConfig:
             )
         if self.group_reduce not in ("max", "sum"):
             raise ValueError(f"MemopsConfig.group_reduce must be 'max' or 'sum', got {self.group_reduce!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"MemopsConfig.top_p must be a number in (0, 1], got {self.top_p!r}")
         if not isinstance(self.placement, Mapping):
             raise ValueError(f"MemopsConfig.placement must be a mapping step -> device, got {self.placement!r}")
         for step, kind in self.placement.items():
