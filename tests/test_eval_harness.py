@@ -66,7 +66,7 @@ def smollm2():
 
 def _smoke_args(tmp_path):
     return evaluate.add_arguments(argparse.ArgumentParser()).parse_args([
-        "--selectors", "oracle", "quest", "streaming", "random", "--budgets", "64",
+        "--selectors", "oracle", "quest", "streaming", "random", "--budgets", "64", "--page-size", "16",
         "--text-contexts", "192", "--steps", "4", "--windows", "2",
         "--sweep-selectors", "quest", "--sweep-page-sizes", "8", "--sweep-dense-layers", "--sweep-sink-pages",
         "--sweep-recent-pages", "--sweep-budgets", "64",

@@ -558,13 +558,16 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from torch_memops import hf
+
     parser.add_argument("--model", help="local path (or hub name) of a Hugging Face model; default: the "
                         "embedded SmolLM2-135M-Instruct")
     parser.add_argument("--text", help="text file for the agreement task (default: the licence texts)")
     parser.add_argument("--selectors", nargs="*", default=list(DEFAULT_SELECTORS),
                         help="method[:key=value,...], e.g. quest:group_reduce=sum")
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=hf.MemopsConfig().page_size,
+                        help="tokens per page (default: MemopsConfig's)")
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--sink-pages", type=int, default=1)
     parser.add_argument("--recent-pages", type=int, default=1)
@@ -573,7 +576,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--windows", type=int, default=2, help="text windows (one dense prefill each)")
     parser.add_argument("--sweep-selectors", nargs="*", default=["quest", "oracle"])
     parser.add_argument("--sweep-budgets", type=int, nargs="*", default=[1024])
-    parser.add_argument("--sweep-page-sizes", type=int, nargs="*", default=[8, 32])
+    parser.add_argument("--sweep-page-sizes", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--sweep-dense-layers", type=int, nargs="*", default=[0, 1, 4])
     parser.add_argument("--sweep-sink-pages", type=int, nargs="*", default=[0, 4])
     parser.add_argument("--sweep-recent-pages", type=int, nargs="*", default=[4])
