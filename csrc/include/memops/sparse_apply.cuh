@@ -33,6 +33,22 @@ constexpr int value_vec() {
 
 }  // namespace apply_detail
 
+// Value errors of one split block (the out-of-range rule has already been applied): each page
+// slot of the split once (the caller passes head chunk 0 only), seq_lens[b] once per batch row.
+// Shared by the CUDA-core and the tensor-core split kernels.
+__device__ inline void report_split_value_errors(const SparseApplyParams& p, const int32_t* index_list,
+                                                 int64_t slot_begin, int64_t slot_end, int64_t total_pages,
+                                                 int64_t b, int64_t split, int64_t index_head) {
+  int32_t errors = 0;
+  if (index_list != nullptr)
+    for (int64_t slot = slot_begin + threadIdx.x; slot < slot_end; slot += blockDim.x)
+      if (index_list[slot] < -1 || index_list[slot] >= total_pages) errors |= kValueErrorIndex;
+  if (threadIdx.x == 0 && split == 0 && index_head == 0 && p.seq_lens != nullptr &&
+      (p.seq_lens[b] < 0 || p.seq_lens[b] > p.tokens))
+    errors |= kValueErrorSeqLen;
+  gpu::report_value_error(p.value_errors, errors);
+}
+
 // Grid: x = split, y = (b, index head, head chunk). kMaxHeads bounds the query heads a block
 // serves (their accumulators live in registers).
 template <typename T, int VEC, int kMaxHeads>
@@ -215,18 +231,8 @@ __global__ void __launch_bounds__(apply_detail::kThreads, 2)
     p.partial_max[out_row * p.splits + split] = running_max[threadIdx.x];
     p.partial_sum[out_row * p.splits + split] = running_sum[threadIdx.x];
   }
-  // Value errors (the rule above has already been applied): each page slot of this split once
-  // (head chunk 0 only), seq_lens[b] once per batch row.
-  if (p.value_errors != nullptr && chunk == 0) {
-    int32_t errors = 0;
-    if (index_list != nullptr)
-      for (int64_t slot = slot_begin + threadIdx.x; slot < slot_end; slot += blockDim.x)
-        if (index_list[slot] < -1 || index_list[slot] >= total_pages) errors |= kValueErrorIndex;
-    if (threadIdx.x == 0 && split == 0 && index_head == 0 && p.seq_lens != nullptr &&
-        (p.seq_lens[b] < 0 || p.seq_lens[b] > p.tokens))
-      errors |= kValueErrorSeqLen;
-    gpu::report_value_error(p.value_errors, errors);
-  }
+  if (p.value_errors != nullptr && chunk == 0)
+    report_split_value_errors(p, index_list, slot_begin, slot_end, total_pages, b, split, index_head);
 }
 
 // One block per (b, query head): the exact combination of the splits.

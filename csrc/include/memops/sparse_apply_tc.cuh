@@ -236,18 +236,8 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
       p.partial_sum[out_row * p.splits + split] = sum;
     }
   }
-  // Value errors (the rule above has already been applied): each page slot of this split once
-  // (head chunk 0 only), seq_lens[b] once per batch row.
-  if (p.value_errors != nullptr && chunk == 0) {
-    int32_t errors = 0;
-    if (index_list != nullptr)
-      for (int64_t slot = slot_begin + threadIdx.x; slot < slot_end; slot += blockDim.x)
-        if (index_list[slot] < -1 || index_list[slot] >= total_pages) errors |= kValueErrorIndex;
-    if (threadIdx.x == 0 && split == 0 && index_head == 0 && p.seq_lens != nullptr &&
-        (p.seq_lens[b] < 0 || p.seq_lens[b] > p.tokens))
-      errors |= kValueErrorSeqLen;
-    gpu::report_value_error(p.value_errors, errors);
-  }
+  if (p.value_errors != nullptr && chunk == 0)
+    report_split_value_errors(p, index_list, slot_begin, slot_end, total_pages, b, split, index_head);
 }
 
 template <typename T>
