@@ -126,18 +126,13 @@ def flashinfer_dense_row(report, shape, query, k_cache, v_cache, tensor_cores: b
 
 def flashinfer_rows(report, cell, query, summary, k_cache, v_cache, kp, nbytes, fastest, tensor_cores: bool):
     """FlashInfer over our selected pages (checked against sparse_apply), and the peer pipeline."""
-    B, Hq, D = query.shape
-    Hkv, N = k_cache.shape[1], k_cache.shape[2] // PAGE
+    B, _, D = query.shape
+    Hkv = k_cache.shape[1]
     _, idx = ops.topk_relevancy(query, summary, kp, sink_pages=SINK_PAGES, recent_pages=RECENT_PAGES)
     apply_bytes = 2 * B * Hkv * kp * PAGE * D * k_cache.element_size()
     name = "FlashInfer decode, our selected pages, CUDA graph"
     try:
-        table = fi.page_table(idx, N, PAGE)
-        decode = fi.FlashInferDecode(query, k_cache, v_cache, PAGE, *table, use_tensor_cores=tensor_cores)
-        theirs, _ = decode.run()
-        ours, _ = ops.sparse_apply(query, k_cache, v_cache, idx, PAGE)
-        truth, _ = fi.paged_decode_torch(fi.grouped_query(query, Hkv), decode.k_pages, decode.v_pages, *table)
-        check = fi.compare_outputs(ours, theirs, truth.view(B, Hq, D))
+        decode, check = fi.decode_same_pages(query, k_cache, v_cache, idx, PAGE, tensor_cores)
         ms = median_ms(graph_replay(decode.run))
         ours_ms = median_ms(graph_replay(lambda: ops.sparse_apply(query, k_cache, v_cache, idx, PAGE)))
         report.add(Row(name, cell, ms, apply_bytes, {"tensor_cores": tensor_cores, **check,

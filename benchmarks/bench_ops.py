@@ -58,12 +58,7 @@ def flashinfer_attention_rows(report: Report, shape, query, keys, values, idx, s
     apply_bytes = 2 * B * Hkv * budget * D * ELEM + 2 * B * Hq * D * ELEM
     name = f"FlashInfer decode budget={budget} (same pages), CUDA graph"
     try:
-        table = fi.page_table(idx, N, PAGE)
-        decode = fi.FlashInferDecode(query, keys, values, PAGE, *table, use_tensor_cores=tensor_cores)
-        theirs, _ = decode.run()
-        ours, _ = ops.sparse_apply(query, keys, values, idx, PAGE)
-        truth, _ = fi.paged_decode_torch(fi.grouped_query(query, Hkv), decode.k_pages, decode.v_pages, *table)
-        check = fi.compare_outputs(ours, theirs, truth.view(B, Hq, D))
+        decode, check = fi.decode_same_pages(query, keys, values, idx, PAGE, tensor_cores)
         ours_ms = median_ms(graph_replay(lambda: ops.sparse_apply(query, keys, values, idx, PAGE)))
         report.add(Row(f"sparse_apply budget={budget}, CUDA graph", shape, ours_ms, apply_bytes))
         report.add(Row(name, shape, median_ms(graph_replay(decode.run)), apply_bytes,

@@ -198,3 +198,19 @@ def compare_outputs(ours: Tensor, theirs: Tensor, truth: Tensor) -> dict:
     return {"ours_err": round(ours_err, 5), "fi_err": round(fi_err, 5),
             "ours_vs_fi": round((ours.float() - theirs.float()).abs().max().item(), 5),
             "agree": bool(ours_err <= 2 * fi_err + 1e-3)}
+
+
+def decode_same_pages(query: Tensor, keys: Tensor, values: Tensor, indices: Tensor, page_size: int,
+                      use_tensor_cores: bool):
+    """FlashInfer's decode over the pages that ``indices`` (``[B, Hkv, k]``) select from our cache,
+    run once and checked against ``sparse_apply`` on the same pages and a float32 truth:
+    ``(decode, check)``; ``decode.run`` is what a benchmark times."""
+    from torch_memops import ops
+
+    batch, q_heads, dim = query.shape
+    table = page_table(indices, keys.shape[2] // page_size, page_size)
+    decode = FlashInferDecode(query, keys, values, page_size, *table, use_tensor_cores=use_tensor_cores)
+    theirs, _ = decode.run()
+    ours, _ = ops.sparse_apply(query, keys, values, indices, page_size)
+    truth, _ = paged_decode_torch(grouped_query(query, keys.shape[1]), decode.k_pages, decode.v_pages, *table)
+    return decode, compare_outputs(ours, theirs, truth.view(batch, q_heads, dim))
