@@ -167,7 +167,11 @@ def random_indices(B, H, k, N):
                                    (3, 1, 64, 16, 6, [64, 33, 16])], ids=str)
 def test_gather_retrieve_matches_cpu(dtype, shape):
     B, H, S, P, k, lens = shape
-    D = dim_for(dtype)
+    check_gather_matches_cpu(dtype, B, H, S, dim_for(dtype), P, k, lens)
+
+
+def check_gather_matches_cpu(dtype, B, H, S, D, P, k, lens):
+    """gather_retrieve on fpga tensors (a strided view of a longer buffer) equals the CPU bit for bit."""
     if dtype.is_floating_point:
         buffer = torch.randn(B, H, S + 5, D).to(dtype)
     else:
@@ -178,6 +182,7 @@ def test_gather_retrieve_matches_cpu(dtype, shape):
     out, lengths = ops.gather_retrieve(memory, indices, P, seq_lens=seq_lens)
     f_out, f_lengths = ops.gather_retrieve(memory_f, fpga(indices), P, seq_lens=fpga(seq_lens))
     assert f_out.device.type == "fpga"
+    assert f_out.shape == out.shape and f_out.is_contiguous()
     assert torch.equal(f_out.cpu(), out)
     assert torch.equal(f_lengths.cpu(), lengths)
 
@@ -395,19 +400,7 @@ def test_topk_relevancy_any_head_dim(dtype, D, mode):
 @pytest.mark.parametrize("dtype", GATHER_DTYPES, ids=str)
 @pytest.mark.parametrize("D", ODD_DIMS)
 def test_gather_retrieve_any_head_dim(dtype, D):
-    B, H, S, P, k = 2, 3, 45, 8, 4
-    if dtype.is_floating_point:
-        buffer = torch.randn(B, H, S + 5, D).to(dtype)
-    else:
-        buffer = torch.randint(0, 120, (B, H, S + 5, D), dtype=dtype)
-    memory, memory_f = buffer[:, :, :S], buffer.to("fpga")[:, :, :S]
-    indices = random_indices(B, H, k, -(-S // P))
-    seq_lens = torch.tensor([45, 30], dtype=torch.int32)
-    out, lengths = ops.gather_retrieve(memory, indices, P, seq_lens=seq_lens)
-    f_out, f_lengths = ops.gather_retrieve(memory_f, fpga(indices), P, seq_lens=fpga(seq_lens))
-    assert f_out.shape == out.shape and f_out.is_contiguous()
-    assert torch.equal(f_out.cpu(), out)
-    assert torch.equal(f_lengths.cpu(), lengths)
+    check_gather_matches_cpu(dtype, 2, 3, 45, D, 8, 4, [45, 30])
 
 
 def test_indexer_nan_propagates_as_on_the_cpu():
