@@ -348,10 +348,10 @@ class Runner:
             return {self.cache_kwarg: cache}
         return make
 
-    def _time(self, spec, cell, session, inputs, compile_kwargs, max_cache_len, result):
-        args = self.args
-        n = args.new_tokens
-        if args.prefill == "real":
+    def _caller(self, spec, cell, session, inputs, compile_kwargs, max_cache_len):
+        """``call(new_tokens) -> (seconds, output)``: one ``generate()`` of this row, its cache made
+        (or rewound) before each call."""
+        if self.args.prefill == "real":
             static = {"cache_implementation": "static"} if spec.static else {}
 
             def make():
@@ -367,6 +367,12 @@ class Runner:
             kwargs.clear()  # drop the eager caches before the next one is built
             return seconds, out
 
+        return call
+
+    def _time(self, spec, cell, session, inputs, compile_kwargs, max_cache_len, result):
+        args = self.args
+        n = args.new_tokens
+        call = self._caller(spec, cell, session, inputs, compile_kwargs, max_cache_len)
         start = time.perf_counter()
         first = None
         for _ in range(args.warmup):

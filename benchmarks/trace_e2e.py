@@ -64,16 +64,11 @@ class TracingRunner(bench_e2e.Runner):
     top = 12
 
     def _time(self, spec, cell, session, inputs, compile_kwargs, max_cache_len, result):
-        make = self._cache_factory(spec, cell, session, max_cache_len)
-        extra = {} if not spec.static else dict(compile_kwargs) if spec.compile else {"disable_compile": True}
+        timed = self._caller(spec, cell, session, inputs, compile_kwargs, max_cache_len)
         n = self.args.new_tokens
 
         def call(new_tokens):
-            kwargs = make()
-            kwargs.update(extra)
-            seconds, _ = self.generate(inputs, new_tokens, kwargs)
-            kwargs.clear()
-            return seconds
+            return timed(new_tokens)[0]
 
         for _ in range(max(1, self.args.warmup)):
             call(1 + n)
