@@ -1,5 +1,5 @@
 """Serving KV that does not fit on the GPU: per-token time of ``generate()`` with the keys/values
-in host memory (``MemopsConfig(offload="host")``) against the all-GPU pipeline and against
+in host memory (``MemopsConfig(offload="host")`` and ``"host_gather"``) against the all-GPU pipeline and against
 transformers' own offloaded cache, with the GPU's memory capped.
 
 Timed as ``benchmarks/bench_e2e.py`` times (its ``Runner``: the time of ``generate()`` for
@@ -13,8 +13,13 @@ under it, the others with the fraction back at 1.
 
 - ``gpu-ours``: ``generate()`` in ``hf.enable``, every buffer on the GPU, eager dynamic
   MemopsCache, no cap (the all-GPU pipeline at a size that fits: the H200 holds it uncapped).
-- ``offload-ours``: ``MemopsConfig(offload="host")``, same method and budget, capped (sparse
-  layers' KV pinned on the host; dense leading layers, summaries, Relevancy and Apply on the GPU).
+- ``offload-ours``: ``MemopsConfig(offload="host")``, same method and budget, eager dynamic
+  cache, capped (sparse layers' KV pinned on the host and read in place by the GPU; dense
+  leading layers, summaries, Relevancy and Apply on the GPU).
+- ``gpu-ours-static`` / ``offload-ours-static``: the same two with the static MemopsCache that
+  ``generate(cache_implementation="static")`` auto-compiles (the fastest form of each).
+- ``offload-ours-gather``: ``MemopsConfig(offload="host_gather")``, capped (the host gathers the
+  selected pages and copies them; dynamic cache only).
 - ``offload-hf``: transformers' offloaded cache, capped (``DynamicCache(offloading=True)``, what
   ``cache_implementation="offloaded"`` builds: every layer's KV on the host, the next layer
   prefetched to the GPU on a side stream, dense attention).
@@ -64,8 +69,14 @@ class OffloadRow(RowSpec):
 
 ROWS = [
     OffloadRow("gpu-ours", "hf.enable, eager MemopsCache, every buffer on the GPU, no cap", ours=True, static=False),
-    OffloadRow("offload-ours", "hf.enable, MemopsConfig(offload='host'), under the cap", ours=True, static=False,
-               offload="host", capped=True),
+    OffloadRow("offload-ours", "hf.enable, MemopsConfig(offload='host') (GPU reads host memory in place), eager, "
+               "under the cap", ours=True, static=False, offload="host", capped=True),
+    OffloadRow("gpu-ours-static", "hf.enable, static MemopsCache, auto-compiled, every buffer on the GPU, no cap",
+               ours=True, static=True),
+    OffloadRow("offload-ours-static", "hf.enable, MemopsConfig(offload='host'), static MemopsCache, auto-compiled, "
+               "under the cap", ours=True, static=True, offload="host", capped=True),
+    OffloadRow("offload-ours-gather", "hf.enable, MemopsConfig(offload='host_gather') (host gathers, side-stream "
+               "copies), under the cap", ours=True, static=False, offload="host_gather", capped=True),
     OffloadRow("offload-hf", "stock generate(), transformers' offloaded DynamicCache, under the cap", ours=False,
                static=False, hf_offloaded=True, capped=True),
     OffloadRow("gpu-stock", "stock generate(), DynamicCache on the GPU, no cap", ours=False, static=False),
@@ -180,11 +191,11 @@ def planner_prediction(model, args, cell: Cell, dtype, measured: dict, gpu: str 
         out[name] = {step: round(predicted[step], 3) for step in plan.MEMORY_STEPS}
         out[name]["memory_ms"] = round(sum(predicted[step] for step in plan.MEMORY_STEPS), 3)
     out["predicted_extra_ms"] = round(out["host-memory"]["memory_ms"] - out["all-gpu"]["memory_ms"], 3)
-    if measured.get("offload-ours") and measured.get("gpu-ours"):
-        out["measured_extra_ms"] = round(measured["offload-ours"] - measured["gpu-ours"], 3)
+    if measured.get("offload-ours-gather") and measured.get("gpu-ours"):
+        out["measured_extra_ms"] = round(measured["offload-ours-gather"] - measured["gpu-ours"], 3)
     out["note"] = ("the planner prices placement prepare=cuda,relevancy=cuda,retrieval=cpu,apply=cuda from its own "
                    "calibration: gather_retrieve on the CPU and synchronous copies of pageable tensors, no overlap; "
-                   "offload='host' gathers into pinned staging and overlaps pieces")
+                   "offload='host_gather' gathers into pinned staging and overlaps pieces; offload='host' has no host step")
     return out
 
 
@@ -239,6 +250,12 @@ def summarise(result: dict) -> dict:
                 if base in times:
                     row["extra"][f"x_{base.replace('-', '_')}"] = round(times[base] / ms, 3)
     summary = {}
+    for offloaded, base in (("offload-ours-static", "gpu-ours-static"), ("offload-ours-gather", "gpu-ours")):
+        if offloaded in times and base in times:
+            key = offloaded.replace("-", "_")
+            summary[f"{key}_tokens_per_s_vs_{base.replace('-', '_')}"] = round(times[base] / times[offloaded], 3)
+    if "offload-ours-static" in times and "offload-hf" in times:
+        summary["offload_ours_static_speedup_vs_offload_hf"] = round(times["offload-hf"] / times["offload-ours-static"], 3)
     if "offload-ours" in times and "gpu-ours" in times:
         summary["offload_ours_tokens_per_s_vs_gpu_ours"] = round(times["gpu-ours"] / times["offload-ours"], 3)
     if "offload-ours" in times and "gpu-stock" in times:
@@ -246,6 +263,8 @@ def summarise(result: dict) -> dict:
     if "offload-ours" in times and "offload-hf" in times:
         summary["offload_ours_speedup_vs_offload_hf"] = round(times["offload-hf"] / times["offload-ours"], 3)
     for name, a, b in (("offload_ours_tokens_equal_gpu_ours", "offload-ours", "gpu-ours"),
+                       ("offload_ours_static_tokens_equal_gpu_ours_static", "offload-ours-static", "gpu-ours-static"),
+                       ("offload_ours_gather_tokens_equal_gpu_ours", "offload-ours-gather", "gpu-ours"),
                        ("offload_hf_tokens_equal_gpu_stock", "offload-hf", "gpu-stock")):
         if a in tokens and b in tokens:
             summary[name] = tokens[a] == tokens[b]

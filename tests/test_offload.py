@@ -1,4 +1,4 @@
-"""MemopsConfig(offload="host"): keys/values of the sparse layers in host memory, selected pages
+"""MemopsConfig(offload="host_gather"): keys/values of the sparse layers in host memory, selected pages
 gathered on the host and copied to the model's device (torch_memops/hf/offload.py).
 
 On a CPU-only machine the model's device is the CPU: the offloaded path runs with plain copies
@@ -78,7 +78,7 @@ def teacher_forced(model, memops, steps=14):
 def test_generate_gives_the_tokens_of_the_one_device_pipeline(method, device):
     model = tiny_llama(device)
     on_device = generate(model, config(method=method))
-    offloaded = generate(model, config("host", method=method))
+    offloaded = generate(model, config("host_gather", method=method))
     assert torch.equal(offloaded, on_device)
     if method == "quest":
         # The budget matters: attending every page gives other tokens, so equality above is not vacuous.
@@ -89,7 +89,7 @@ def test_generate_gives_the_tokens_of_the_one_device_pipeline(method, device):
 def test_logits_and_selected_pages_match_every_step(device):
     model = tiny_llama(device)
     reference_logits, reference_pages, _ = teacher_forced(model, config())
-    logits, pages, _ = teacher_forced(model, config("host"))
+    logits, pages, _ = teacher_forced(model, config("host_gather"))
     # The same pages every step and layer; the attention over them is summed in another order
     # (gathered prefix vs in place), so logits agree to float32 rounding, amplified by 4 layers.
     assert len(pages) == len(reference_pages) == 14
@@ -103,7 +103,7 @@ def test_logits_and_selected_pages_match_every_step(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_buffers_live_where_the_offload_says(device):
     model = tiny_llama(device)
-    _, _, cache = teacher_forced(model, config("host"), steps=2)
+    _, _, cache = teacher_forced(model, config("host_gather"), steps=2)
     can_pin = model.device.type == "cuda" and torch.cuda.is_available()
     for layer in cache.layers:
         storage = layer.storage
@@ -129,7 +129,7 @@ def test_decode_tokens_reach_the_host_buffers_and_the_summary(device):
     model = tiny_llama(device)
     steps = 14
     _, _, reference = teacher_forced(model, config(), steps=steps)
-    _, _, cache = teacher_forced(model, config("host"), steps=steps)
+    _, _, cache = teacher_forced(model, config("host_gather"), steps=steps)
     for ref_layer, layer in zip(reference.layers, cache.layers):
         if not layer.sparse:
             continue
@@ -156,7 +156,7 @@ def test_host_buffers_grow(monkeypatch):
     monkeypatch.setattr(storage_module, "GROWTH_TOKENS", 3)
     model = tiny_llama()
     on_device = generate(model, config(), new_tokens=24)
-    with hf.enable(model, config("host")) as session:
+    with hf.enable(model, config("host_gather")) as session:
         cache = session.new_cache()
         ids, mask = padded_batch()
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24,
@@ -168,14 +168,14 @@ def test_host_buffers_grow(monkeypatch):
 
 def test_beam_search_reorders_the_host_rows():
     model = tiny_llama()
-    assert torch.equal(generate(model, config("host"), new_tokens=10, num_beams=2),
+    assert torch.equal(generate(model, config("host_gather"), new_tokens=10, num_beams=2),
                        generate(model, config(), new_tokens=10, num_beams=2))
 
 
 def test_static_and_compiled_use_is_refused():
     model = tiny_llama()
-    with hf.enable(model, config("host")) as session:
-        with pytest.raises(ValueError, match=r"offload='host'\) runs on the dynamic MemopsCache only.*max_cache_len=64"):
+    with hf.enable(model, config("host_gather")) as session:
+        with pytest.raises(ValueError, match=r"offload='host_gather'\) runs on the dynamic MemopsCache only.*max_cache_len=64"):
             session.new_cache(max_cache_len=64)
         ids, mask = padded_batch()
         with pytest.raises(ValueError, match="dynamic MemopsCache only"):
@@ -183,7 +183,7 @@ def test_static_and_compiled_use_is_refused():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(offload="disk"), r"MemopsConfig.offload must be one of \(None, 'host'\), got 'disk'"),
+    (dict(offload="disk"), r"MemopsConfig.offload must be one of \(None, 'host', 'host_gather'\), got 'disk'"),
     (dict(offload="host", placement={"retrieval": "cpu"}), r"sets the placement itself.*'retrieval': 'cpu'"),
     (dict(offload="host", method="dense"), r"needs a method with a page summary .*; method .dense. has none"),
     (dict(offload="host", method="streaming"), "method 'streaming' has none"),
@@ -233,7 +233,7 @@ def test_host_gather_is_gather_retrieve(heads, dtype):
 def test_profile_sees_every_step_of_an_offloaded_decode():
     model = tiny_llama()
     profile = hf.StepProfile()
-    with hf.enable(model, config("host")) as session:
+    with hf.enable(model, config("host_gather")) as session:
         session.profile = profile
         ids, mask = padded_batch()
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -332,6 +332,6 @@ def test_each_decode_step_waits_once_per_layer_after_relevancy(monkeypatch):
 
     monkeypatch.setattr(offload_module.HostTransfer, "indices_to_host", logged_to_host)
     monkeypatch.setattr(offload_module.HostLayerStorage, "flush", logged_flush)
-    teacher_forced(tiny_llama(), config("host"), steps=3)
+    teacher_forced(tiny_llama(), config("host_gather"), steps=3)
     # 3 decode steps x 3 sparse layers; the prefill waits for nothing.
     assert log == ["indices", "token"] * 9

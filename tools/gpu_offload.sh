@@ -10,6 +10,7 @@
 #   LAYERS=16               decoder layers of the Llama-3-8B-shaped model (random weights, bf16)
 #   OFFLOAD_ARGS="--budget 1024 --page-size 16 --new-tokens 8 --repeats 3 --warmup 1 --kv-over-free 3"
 #   TAG=""                  suffix of the result files
+#   TESTS=""                pytest files to run on the GPU first (e.g. tests/test_offload_mapped.py)
 #
 # It builds the CUDA extension through tools/gpu_bench.sh's build stage (a copy of the tree under
 # /tmp/memops-src, reused when build/cuda/.stamp matches the sources) and runs from that copy.
@@ -50,6 +51,10 @@ free -g > "$OUT/free.txt" 2>&1
 python3 -c "import torch, transformers, torch_memops; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | tail -1
 
+if [ -n "${TESTS:-}" ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS > "$OUT/tests$TAG.log" 2>&1
+  echo "tests ($TESTS): rc $?"; tail -4 "$OUT/tests$TAG.log"
+fi
 t0=$(date +%s)
 # The script stops starting rows near its deadline; timeout ends a row that overruns it.
 MEMOPS_BENCH_DEADLINE=$end timeout $((end - t0 + 10)) \

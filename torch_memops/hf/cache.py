@@ -18,6 +18,7 @@ from torch_memops import ops
 from .attention import retrieve_and_apply
 from .config import STEPS, MemopsConfig, resolve_device
 from .methods import SelectionInputs
+from .mapped import MappedLayerStorage
 from .offload import HostLayerStorage, HostTransfer, offload_decode
 from .step_profile import NO_PROFILE, StepProfile
 from .storage import LayerStorage, ceil_div
@@ -40,12 +41,12 @@ class MemopsLayer:
     supports_early_init = False
 
     def __init__(self, config: MemopsConfig, sparse: bool, layer_idx: int = 0, max_cache_len: Optional[int] = None):
-        if config.offload is not None and max_cache_len is not None:
+        if config.offload == "host_gather" and max_cache_len is not None:
             raise ValueError(
                 f"MemopsConfig(offload={config.offload!r}) runs on the dynamic MemopsCache only: the host gathers "
                 f"the selected pages after reading their indices back, which no CUDA graph or torch.compile can "
                 f"capture; got max_cache_len={max_cache_len} (a static cache, e.g. cache_implementation='static'): "
-                f"drop it")
+                f"drop it, or use offload='host' (the GPU reads host memory in place, static caches included)")
         self.config = config
         self.method = config.method_impl
         self.sparse = sparse
@@ -53,7 +54,7 @@ class MemopsLayer:
         self.max_cache_len = max_cache_len
         self.profile: Optional[StepProfile] = None
         self.storage: Optional[LayerStorage] = None
-        self.transfer: Optional[HostTransfer] = None  # offload="host": staging shared by the cache's layers
+        self.transfer: Optional[HostTransfer] = None  # offload="host_gather": staging shared by the cache's layers
         self.reset()
 
     @property
@@ -80,11 +81,12 @@ class MemopsLayer:
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.model_device = key_states.device
-        offloaded = self.sparse and self.config.offload == "host"
+        offloaded = self.sparse and self.config.offload == "host_gather"
+        mapped = self.sparse and self.config.offload == "host"
         if offloaded:
             self.devices = {s: self.model_device for s in STEPS}
             self.devices["retrieval"] = torch.device("cpu")
-        elif self.sparse:
+        elif self.sparse and not mapped:
             self.devices = {s: resolve_device(self.config.placement[s], self.model_device) for s in STEPS}
         else:
             self.devices = {s: self.model_device for s in STEPS}
@@ -95,6 +97,11 @@ class MemopsLayer:
             self.storage = HostLayerStorage(method=self.method, page_size=self.config.page_size,
                                             compute_device=self.model_device, key_states=key_states,
                                             value_states=value_states, pin_memory=self.config.pin_memory)
+        elif mapped:
+            self.storage = MappedLayerStorage(method=self.method, page_size=self.config.page_size,
+                                              device=self.model_device, key_states=key_states,
+                                              value_states=value_states, capacity=self.max_cache_len,
+                                              pin_memory=self.config.pin_memory)
         else:
             self.storage = LayerStorage(method=self.method, page_size=self.config.page_size, sparse=self.sparse,
                                         devices=self.devices, key_states=key_states, value_states=value_states,
@@ -310,7 +317,7 @@ def cache_classes() -> Dict[str, type]:
                 self.memops_config = config
                 self.static_capacity = max_cache_len
                 self.session = session
-                if config.offload is not None:
+                if config.offload == "host_gather":
                     transfer = HostTransfer()
                     for layer in self.layers:
                         layer.transfer = transfer

@@ -11,7 +11,7 @@ from .methods import METHODS, get_method
 
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
 DEVICE_KINDS = ("auto", "cpu", "cuda", "fpga")
-OFFLOAD_KINDS = (None, "host")
+OFFLOAD_KINDS = (None, "host", "host_gather")
 
 
 # Token and page counts are int32 in the kernels (torch_memops.ops.MAX_COUNT).
@@ -60,17 +60,19 @@ class MemopsConfig:
         values of the sparse layers live on the ``retrieval`` device, the page summaries on the
         ``prepare`` device. ``apply`` cannot be ``"fpga"``: the FPGA backend has no attention
         kernel.
-    offload : {None, "host"}
-        ``"host"``: keep the keys and values of the sparse layers in host memory (pinned when
-        CUDA is present and ``pin_memory``), the page summaries, Relevancy and Apply on the
-        model's device, and copy only the selected pages to it each decode step (gathered on
-        the host, copied on a side CUDA stream, double-buffered). The dense leading layers stay
-        on the model's device. It sets the placement itself (leave ``placement`` unset), needs
-        a method with a page summary, and runs on the dynamic cache only (the host gather
-        waits for the selected indices: no CUDA graph can capture it). See ``docs/hf.md``.
+    offload : {None, "host", "host_gather"}
+        Keep the keys and values of the sparse layers in page-locked host memory; the page
+        summaries, Prepare, Relevancy and Apply stay on the model's device, and only the pages a
+        step selects cross to it. ``"host"``: the GPU reads the selected pages in place
+        (zero-copy over PCIe, no host work and no synchronisation), so the static cache,
+        ``torch.compile`` and CUDA graphs work as on the GPU. ``"host_gather"``: the host gathers
+        the selected pages after reading their indices back and copies them on a side CUDA
+        stream (double-buffered); dynamic cache only. The dense leading layers stay on the
+        model's device. Either sets the placement itself (leave ``placement`` unset) and needs a
+        method with a page summary. See ``docs/hf.md``.
     pin_memory : bool
-        With ``offload="host"``: page-lock the host buffers (needed for asynchronous copies;
-        ignored where CUDA is not available).
+        With ``offload``: page-lock the host buffers (``"host"`` requires it on a GPU;
+        ``"host_gather"`` needs it for asynchronous copies; ignored where CUDA is not available).
     """
 
     method: str = "quest"

@@ -1,4 +1,4 @@
-"""``MemopsConfig(offload="host")``: the keys and values of the sparse layers in host memory,
+"""``MemopsConfig(offload="host_gather")``: the keys and values of the sparse layers in host memory,
 only the selected pages copied to the model's device each decode step.
 
 Per sparse layer the GPU keeps the page summary (``R / P`` of the keys: 1/4 of them for Quest's
@@ -394,7 +394,7 @@ def host_page_rows(indices: Tensor, kv_heads: int, pages_capacity: int) -> Tenso
 def offload_decode(layer, query: Tensor, scale: float) -> Tensor:
     """Relevancy -> host gather -> Apply of one decode token of an offloaded sparse layer."""
     if torch.compiler.is_compiling():
-        raise RuntimeError("MemopsConfig(offload='host') cannot be compiled or captured: the host gathers the "
+        raise RuntimeError("MemopsConfig(offload='host_gather') cannot be compiled or captured: the host gathers the "
                            "selected pages after reading their indices back; run the model eagerly")
     cfg, storage = layer.config, layer.storage
     profile = layer.profile or NO_PROFILE

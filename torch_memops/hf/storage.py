@@ -59,9 +59,9 @@ class LayerStorage:
             capacity = tokens + GROWTH_TOKENS
         allocate = torch.zeros if self.static else torch.empty
         dtype = key_states.dtype
-        self.keys = allocate((batch, heads, capacity, key_dim), dtype=dtype, device=self.memory_device)
-        self.values = allocate((batch, heads, capacity, value_states.shape[-1]), dtype=value_states.dtype,
-                               device=self.memory_device)
+        self.keys = self._new_kv((batch, heads, capacity, key_dim), dtype, zero=self.static)
+        self.values = self._new_kv((batch, heads, capacity, value_states.shape[-1]), value_states.dtype,
+                                   zero=self.static)
         self.has_summary = sparse and method.summary_mode is not None
         self.prepare_keys = None
         self.summary = self.relevancy_summary = None
@@ -81,6 +81,14 @@ class LayerStorage:
             self._mark_static()
 
     # -- the set of buffers ---------------------------------------------------------------
+
+    def _new_kv(self, shape, dtype, zero: bool) -> Tensor:
+        """A key or value buffer on the memory device (``mapped.py`` keeps them in host memory)."""
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.memory_device)
+
+    def _rehome_kv(self, tensor: Tensor) -> Tensor:
+        """A key or value buffer that a row selection produced, where :meth:`_new_kv` puts them."""
+        return tensor
 
     def buffers(self) -> List[Tensor]:
         """Every per-row buffer (dim 0 is the batch)."""
@@ -151,8 +159,12 @@ class LayerStorage:
             new[:, :, :used].copy_(tensor[:, :, :used])
             return new
 
-        self.keys = grown(self.keys, capacity, self.max_len)
-        self.values = grown(self.values, capacity, self.max_len)
+        def grown_kv(tensor: Tensor) -> Tensor:
+            new = self._new_kv((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype, zero=False)
+            new[:, :, :self.max_len].copy_(tensor[:, :, :self.max_len])
+            return new
+
+        self.keys, self.values = grown_kv(self.keys), grown_kv(self.values)
         self.prepare_keys = grown(self.prepare_keys, capacity, self.max_len)
         self.summary = grown(self.summary, pages, used_pages)
         self.relevancy_summary = grown(self.relevancy_summary, pages, used_pages)
@@ -214,11 +226,13 @@ class LayerStorage:
 
     # -- Prepare Memory -------------------------------------------------------------------------
 
-    def prepare(self, first_page: int, profile=None, phase: str = "prefill") -> None:
-        """Recompute pages ``first_page ..`` of the summary (all pages at prefill); host path."""
+    def prepare(self, first_page: int, profile=None, phase: str = "prefill", source: Optional[Tensor] = None) -> None:
+        """Recompute pages ``first_page ..`` of the summary (all pages at prefill); host path.
+        ``source``: the keys to read instead of the buffer (the same tokens, e.g. the prefill's)."""
         if not self.has_summary:
             return
-        source = self.prepare_keys if self.prepare_keys is not None else self.keys
+        if source is None:
+            source = self.prepare_keys if self.prepare_keys is not None else self.keys
         used = self.max_len if not self.static else self.capacity
         self.method.prepare(self.summary, source[:, :, :used], self.page_size, first_page,
                             self.lens_on(self.prepare_device))
@@ -261,7 +275,7 @@ class LayerStorage:
                     raise NotImplementedError("a static MemopsCache cannot change its batch size")
                 tensor.copy_(selected)
             return
-        self.keys, self.values = select(self.keys), select(self.values)
+        self.keys, self.values = self._rehome_kv(select(self.keys)), self._rehome_kv(select(self.values))
         self.prepare_keys = None if self.prepare_keys is None else select(self.prepare_keys)
         self.summary = None if self.summary is None else select(self.summary)
         self.relevancy_summary = None if self.relevancy_summary is None else select(self.relevancy_summary)
