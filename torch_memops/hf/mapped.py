@@ -46,6 +46,9 @@ def device_alias(host: Tensor, device: torch.device) -> Tensor:
     """A tensor on ``device`` (CUDA) whose storage is the pinned, contiguous ``host`` tensor."""
     if not host.is_pinned() or not host.is_contiguous():
         raise ValueError("device_alias: host must be a pinned, contiguous tensor")
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     with torch.cuda.device(device):
         alias = torch.as_tensor(_PinnedInterface(host), device=device).view(host.dtype)
     if alias.data_ptr() != host.data_ptr() or alias.device != device:
