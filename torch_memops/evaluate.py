@@ -105,6 +105,12 @@ def is_adaptive(method: str) -> bool:
     return bool(getattr(methods.get_method(method), "adaptive_budget", False))
 
 
+def _method(method: str):
+    from torch_memops.hf import methods
+
+    return methods.get_method(method)
+
+
 def _method_traits(method: str) -> Tuple[int, bool, bool]:
     """``(summary representatives per page, per-query-head selection, dense key scoring)``."""
     from torch_memops.hf import methods
@@ -141,7 +147,11 @@ def bytes_per_step(model, config, context: int, attended: Optional[float] = None
     kv = element * head_dim * 2 * (dense_layers * hkv * context + sparse_tokens)
     summary = element * head_dim * sparse_layers * hkv * pages * reps
     oracle_keys = element * head_dim * sparse_layers * hkv * context if dense_keys else 0
-    return {"summary": summary, "kv": kv, "total": summary + kv, "oracle_keys": oracle_keys,
+    # A two-stage selector (quest_rerank) reads its candidates' keys to rerank them.
+    factor = getattr(_method(config.method), "candidate_factor", 0)
+    candidate_keys = element * head_dim * sparse_layers * hkv * min(factor * per_row, context) if factor else 0
+    return {"summary": summary, "kv": kv, "candidate_keys": candidate_keys, "total": summary + kv + candidate_keys,
+            "oracle_keys": oracle_keys,
             "dense": element * head_dim * 2 * layers * hkv * context}
 
 

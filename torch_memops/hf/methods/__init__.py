@@ -19,6 +19,7 @@ from .oracle import Oracle, OracleHead
 from .quest import Quest
 from .quest_head import QuestHead
 from .quest_int8 import QuestInt8
+from .quest_rerank import QuestRerank
 from .quest_topp import QuestTopP, QuestTopPMid
 from .random_pages import RandomPages
 from .streaming import Streaming
@@ -53,5 +54,5 @@ def get_method(name: str) -> Method:
 
 for _method in (Quest(), QuestInt8(), MeanKeys(), Dense(), Oracle(), OracleHead(), QuestHead(), MeanHead(),
                 Streaming(), RandomPages(), QuestTopP(),
-                QuestTopPMid()):
+                QuestTopPMid(), QuestRerank()):
     register_method(_method)
