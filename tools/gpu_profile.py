@@ -35,7 +35,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--plan-devices", default="cuda,cpu")
-    parser.add_argument("--validate", type=int, default=3)
+    parser.add_argument("--validate", type=int, default=3, help="best-ranked runnable placements to measure, besides "
+                        "the ones the issue names (all on the GPU; KV on the CPU + GPU apply; FPGA + GPU apply)")
+    parser.add_argument("--path", choices=("eager", "compiled"), default="eager",
+                        help="the pipeline's generate(): eager dynamic cache, or the static cache auto-compiled")
+    parser.add_argument("--no-plan", action="store_true")
     parser.add_argument("--model", default="llama-8b-random")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--num-layers", type=int)
@@ -62,7 +66,8 @@ def main() -> None:
             cell = workload.Workload(work.model, ids, work.name, work.device)
             pair = []
             for label, cfg in (("dense", None), ("quest", config)):
-                report = workload.profile_run(cell, cfg, args.new_tokens, label=f"{label} {_tokens(context)} x{batch}")
+                report = workload.profile_run(cell, cfg, args.new_tokens, label=f"{label} {_tokens(context)} x{batch}",
+                                              path="eager" if cfg is None else args.path)
                 pair.append(report)
                 row = workload.summary_row(report)
                 row.update(context=context, batch=batch)
@@ -87,12 +92,14 @@ def main() -> None:
         print(f"no PNG: {error}")
 
     plan_result = None
-    if not args.deadline or time.time() < args.deadline - 60:
+    if not args.no_plan and (not args.deadline or time.time() < args.deadline - 60):
         context = contexts[0]
         ids = torch.randint(0, work.model.config.vocab_size, (1, context),
                             generator=torch.Generator().manual_seed(0)).to(dev)
         cell = workload.Workload(work.model, ids, work.name, work.device)
-        devices = [d for d in args.plan_devices.split(",") if d]
+        present = plan.present_devices()
+        devices = [d for d in args.plan_devices.split(",") if d and d.split(":")[0] in present]
+        print(f"planner devices: {devices} (asked {args.plan_devices}, present {present})", flush=True)
         shape = plan.shape_for(work.model.config, config, context + args.new_tokens // 2, 1, dtype)
         costs = plan.calibrate(shape, devices, dev, repeats=10)
         fit_report = workload.profile_run(cell, config, args.new_tokens, label="fit")
@@ -102,9 +109,12 @@ def main() -> None:
         costs.power["u55c"] = (plan.U55C_POWER_MODEL.idle_watts, plan.U55C_POWER_MODEL.active_watts, "U55C model")
         ranked = plan.rank(costs)
         runnable = [plan.Placement(**r["placement"]) for r in ranked if r["runnable_here"]][:args.validate]
-        fitted = plan.Placement(dev, dev, dev, dev)
-        if fitted not in runnable:
-            runnable.append(fitted)
+        # The placements the issue names, whatever their rank: all on the GPU (the one the step
+        # overhead is fitted on), the KV on the CPU with GPU apply, memory processing on the FPGA.
+        named = [plan.Placement(dev, dev, dev, dev), plan.Placement(dev, dev, "cpu", dev)]
+        if "fpga" in devices:
+            named.append(plan.Placement("fpga", "fpga", "fpga", dev))
+        runnable += [p for p in named if p not in runnable]
 
         def measure(placement):
             placed = {s: ("auto" if d == dev else d) for s, d in placement.as_dict().items()}

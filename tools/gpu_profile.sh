@@ -5,7 +5,8 @@
 # placements at 8K and its predicted-vs-measured error (tools/gpu_profile.py). Results go flat
 # under $OUT: summary.md (the table printed last), profile_<context>_<batch>.json, plan.json,
 # breakdown.png (if matplotlib is there), logs.
-#   BUDGET_S=420  CONTEXTS=8192,32768  BATCHES=1  BUDGET_TOKENS=2048  NEW_TOKENS=16  PLAN_DEVICES=cuda,cpu
+#   BUDGET_S=420  CONTEXTS=8192,32768  BATCHES=1  BUDGET_TOKENS=2048  NEW_TOKENS=16  PLAN_DEVICES=cuda,cpu,fpga
+#   PROFILE_ARGS="--path compiled --no-plan"   (more tools/gpu_profile.py options)
 set -uo pipefail
 OUT="${OUT:-/tmp/memops-gpu-out}"
 BUDGET_S="${BUDGET_S:-420}"
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv
 deadline=$((start + BUDGET_S - 20))
 timeout $((deadline - $(date +%s) + 15)) python3 tools/gpu_profile.py --out "$OUT" \
   --contexts "${CONTEXTS:-8192,32768}" --batches "${BATCHES:-1}" --budget "${BUDGET_TOKENS:-2048}" \
-  --new-tokens "${NEW_TOKENS:-16}" --plan-devices "${PLAN_DEVICES:-cuda,cpu}" --deadline "$deadline" \
+  --new-tokens "${NEW_TOKENS:-16}" --plan-devices "${PLAN_DEVICES:-cuda,cpu,fpga}" ${PROFILE_ARGS:-} --deadline "$deadline" \
   > "$OUT/gpu_profile.log" 2>&1
 echo "gpu_profile.py: rc $? in $(( $(date +%s) - start )) s"
 grep -vE "Converting|Warning|warn\(" "$OUT/gpu_profile.log" | tail -45
