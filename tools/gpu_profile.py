@@ -114,7 +114,9 @@ def main() -> None:
         named = [plan.Placement(dev, dev, dev, dev), plan.Placement(dev, dev, "cpu", dev)]
         if "fpga" in devices:
             named.append(plan.Placement("fpga", "fpga", "fpga", dev))
-        runnable += [p for p in named if p not in runnable]
+        for placement in named:
+            if placement not in runnable:
+                runnable.append(placement)
 
         def measure(placement):
             placed = {s: ("auto" if d == dev else d) for s, d in placement.as_dict().items()}
