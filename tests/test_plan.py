@@ -184,3 +184,31 @@ def test_calibrated_predictions_match_measurement_on_the_cpu(one_thread):
     # The fitted placement's error is run-to-run noise, not the model's: only the other is bounded.
     assert abs(result["rows"][1]["error_pct"]) <= 50.0, result["rows"][1]
     assert result["median_abs_error_pct"] == pytest.approx(abs(result["rows"][1]["error_pct"]))
+
+
+def test_host_memory_is_one_placement_priced_from_its_own_ops():
+    """The "host" memory location (pinned host memory the GPU reads in place): only with every step
+    on the model's device, priced from its calibrated ops, and run as MemopsConfig(offload="host")."""
+    costs = synthetic("gpu")
+    assert Placement("gpu", "gpu", "host", "gpu") not in plan.placements(costs)  # not calibrated
+    costs.ops[("write_token", "host")] = 3e-6
+    costs.ops[("prepare", "host")] = 7e-6
+    costs.ops[("apply_sparse", "host")] = 40e-6
+    assert "host" not in costs.devices()
+    placements = plan.placements(costs)
+    assert Placement("gpu", "gpu", "host", "gpu") in placements
+    assert not any(p.retrieval == "host" and p != Placement("gpu", "gpu", "host", "gpu") for p in placements)
+    got = plan.predict(costs, Placement("gpu", "gpu", "host", "gpu"))
+    layers = SHAPE.sparse_layers
+    assert got["per_token_ms"]["prepare"] == pytest.approx(1e3 * layers * 10e-6)
+    assert got["per_token_ms"]["relevancy"] == pytest.approx(1e3 * layers * 1e-6)  # the gpu's own
+    assert got["per_token_ms"]["retrieval"] == 0.0
+    assert got["per_token_ms"]["apply"] == pytest.approx(1e3 * layers * 40e-6)
+    assert got["runnable_here"] == plan.predict(costs, Placement("gpu", "gpu", "gpu", "gpu"))["runnable_here"]
+    with pytest.raises(ValueError, match="memory 'host' is read in place by the model's device 'gpu'"):
+        plan.predict(costs, Placement("cpu", "gpu", "host", "gpu"))
+    config = plan.config_for_placement(Placement("gpu", "gpu", "host", "gpu"), "gpu", method="quest",
+                                       token_budget=64, page_size=8)
+    assert config.offload == "host" and set(config.placement.values()) == {"auto"}
+    split = plan.config_for_placement(Placement("gpu", "cpu", "gpu", "gpu"), "gpu", token_budget=64, page_size=8)
+    assert split.offload is None and split.placement["relevancy"] == "cpu" and split.placement["apply"] == "auto"

@@ -114,14 +114,15 @@ def main() -> None:
         named = [plan.Placement(dev, dev, dev, dev), plan.Placement(dev, dev, "cpu", dev)]
         if "fpga" in devices:
             named.append(plan.Placement("fpga", "fpga", "fpga", dev))
+        if costs.has_host_memory():  # the KV in pinned host memory read in place: offload="host"
+            named.append(plan.Placement(dev, dev, plan.HOST_MEMORY, dev))
         for placement in named:
             if placement not in runnable:
                 runnable.append(placement)
 
         def measure(placement):
-            placed = {s: ("auto" if d == dev else d) for s, d in placement.as_dict().items()}
-            cfg = hf.MemopsConfig(method="quest", page_size=16, token_budget=args.budget, dense_layers=2,
-                                  placement=placed)
+            cfg = plan.config_for_placement(placement, dev, method="quest", page_size=16, token_budget=args.budget,
+                                            dense_layers=2)
             return workload.profile_run(cell, cfg, args.new_tokens, label=placement.label())
 
         plan_result = {"ranked": ranked, "costs": plan.costs_as_json(costs), "objective": "latency",

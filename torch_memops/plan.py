@@ -15,6 +15,12 @@ steps over the devices, and ranks them. Its inputs:
   describes by bandwidth, launch latency, link and power (:func:`parse_device_spec`);
 * **the rest of the model** per token, measured on the model's device (a profiled run).
 
+One memory location is not a device: ``host``, page-locked host memory that the model's GPU reads
+in place (``MemopsConfig(offload="host")``). Its ops are the GPU's kernels on such memory, timed
+by :func:`calibrate` where CUDA is present (the decode write, Prepare of the newest page and
+``sparse_apply`` over the selected pages, all across PCIe); it is only ever the memory of the
+placement ``prepare=GPU, relevancy=GPU, memory=host, apply=GPU``.
+
 The prediction of a placement is the sum over the sparse layers of its step costs and copies (the
 pipeline runs its steps one after the other), plus the dense layers and the rest of the model.
 Energy: each device's active power over its busy time plus the idle power of the devices the
@@ -38,7 +44,9 @@ import torch
 from torch_memops.profile import MEMORY_STEPS, U55C_POWER_MODEL
 
 SCHEMA = "torch_memops.plan/1"
-RUNNABLE_KINDS = ("cpu", "cuda", "fpga")
+RUNNABLE_KINDS = ("cpu", "cuda", "fpga", "host")
+# The memory location "host": pinned host memory read in place by the model's GPU (offload="host").
+HOST_MEMORY = "host"
 
 
 # -- the shapes of one decode step --------------------------------------------------------------
@@ -261,8 +269,12 @@ class CostTable:
     sources: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def devices(self) -> List[str]:
-        measured = sorted({d for _, d in self.ops})
+        """Devices a step may be placed on (``host`` is a memory location, not one of them)."""
+        measured = sorted({d for _, d in self.ops if d != HOST_MEMORY})
         return measured + [name for name in self.models if name not in measured]
+
+    def has_host_memory(self) -> bool:
+        return ("apply_sparse", HOST_MEMORY) in self.ops
 
     def can_apply(self, device: str) -> bool:
         if device in self.models:
@@ -325,6 +337,17 @@ def predict(costs: CostTable, placement: Placement) -> dict:
         return seconds
 
     step = {}
+    if mem == HOST_MEMORY:
+        if not (pre == rel == app == m):
+            raise ValueError(f"predict: memory 'host' is read in place by the model's device {m!r}: every step "
+                             f"runs there; got {placement.as_dict()}")
+        # The GPU writes the token into host memory, prepares the newest page from it and reads
+        # the selected pages in place; nothing is copied by the host.
+        step["prepare"] = on(m, costs.op("write_token", HOST_MEMORY)) + on(m, costs.op("prepare", HOST_MEMORY))
+        step["relevancy"] = on(m, costs.op("relevancy", m))
+        step["retrieval"] = 0.0
+        step["apply"] = on(m, costs.op("apply_sparse", HOST_MEMORY))
+        return _finish(costs, placement, step, busy)
     # Prepare: the new token's keys and values to the memory (and its keys to the prepare device),
     # the newest page's summary, and that page mirrored to the relevancy device.
     step["prepare"] = (2 * link("kv_token", m, mem) + on(mem, costs.op("write_token", mem))
@@ -337,6 +360,12 @@ def predict(costs: CostTable, placement: Placement) -> dict:
     else:
         step["retrieval"] = on(mem, costs.op("gather", mem)) + link("gathered", mem, app)
         step["apply"] = link("query", m, app) + on(app, costs.op("apply_gathered", app)) + link("out", app, m)
+    return _finish(costs, placement, step, busy)
+
+
+def _finish(costs: CostTable, placement: Placement, step: Dict[str, float], busy: Dict[str, float]) -> dict:
+    """Per-token totals, energy and labels of a placement from its per-layer step seconds."""
+    s, m = costs.shape, costs.model_device
     for name in step:
         if step[name] or name != "retrieval":
             step[name] += costs.step_overhead_s.get(name, 0.0)
@@ -371,6 +400,9 @@ def placements(costs: CostTable) -> List[Placement]:
         if not costs.can_apply(app):
             continue
         out.append(Placement(pre, rel, mem, app))
+    if costs.has_host_memory():
+        m = costs.model_device
+        out.append(Placement(m, m, HOST_MEMORY, m))
     return out
 
 
@@ -483,6 +515,8 @@ def calibrate(shape: DecodeShape, devices: Sequence[str], model_device: str, rep
                                          seq_lens=lens), kinds, repeats)
         table.sources[dev] = "measured" + (" (FPGA emulation: host time)" if dev.startswith("fpga") and
                                            _fpga_backend() == "emulation" else "")
+    if any(dev.split(":")[0] == "cuda" for dev in devices) and model_device.split(":")[0] == "cuda":
+        _calibrate_host_memory(table, shape, keys_h, values_h, on[model_device], kinds, repeats)
     # Copies between every ordered pair of present devices, at the sizes a placement moves.
     samples = {"query": query_h, "indices": indices_h, "kv_token": keys_h[:, :, :1].clone(),
                "summary_page": summary_h[:, :, :1].clone(), "out": query_h}
@@ -495,6 +529,42 @@ def calibrate(shape: DecodeShape, devices: Sequence[str], model_device: str, rep
         table.copies[("gathered", src, dst)] = _time(lambda: (g.to(torch.device(dst)), g.to(torch.device(dst))),
                                                      kinds, repeats)
     return table
+
+
+def _calibrate_host_memory(table: CostTable, shape: DecodeShape, keys_h, values_h, gpu: dict, kinds,
+                           repeats: int) -> None:
+    """The GPU's ops on pinned host memory that it reads in place (the ``host`` memory location)."""
+    from torch_memops import ops
+    from torch_memops.hf.mapped import device_alias
+
+    p = shape.page_size
+    device = gpu["keys"].device
+    keys = device_alias(keys_h.pin_memory(), device)
+    values = device_alias(values_h.pin_memory(), device)
+    lens = gpu["lens"]
+    first = (shape.context - 1) // p
+    live_keys, live_values = keys[:, :, :shape.context], values[:, :, :shape.context]
+    table.ops[("write_token", HOST_MEMORY)] = _time(
+        lambda: (keys[:, :, shape.context:shape.context + 1].copy_(gpu["token"]),
+                 values[:, :, shape.context:shape.context + 1].copy_(gpu["token"]),
+                 gpu["lens_step"].add_(1)), kinds, repeats)
+    table.ops[("prepare", HOST_MEMORY)] = _time(
+        lambda: ops.prepare_memory_(gpu["summary"], live_keys, p, first, mode=shape.summary_mode, seq_lens=lens),
+        kinds, repeats)
+    table.ops[("apply_sparse", HOST_MEMORY)] = _time(
+        lambda: ops.sparse_apply(gpu["query"], live_keys, live_values, gpu["indices"], p, seq_lens=lens),
+        kinds, repeats)
+    table.sources[HOST_MEMORY] = f"measured: {device} reading pinned host memory in place"
+
+
+def config_for_placement(placement: Placement, model_device: str, **config):
+    """The ``MemopsConfig`` that runs ``placement`` (the model's device spelled ``auto``)."""
+    from torch_memops import hf
+
+    if placement.retrieval == HOST_MEMORY:
+        return hf.MemopsConfig(offload="host", **config)
+    placed = {step: (d if d != model_device else "auto") for step, d in placement.as_dict().items()}
+    return hf.MemopsConfig(placement=placed, **config)
 
 
 def fit_step_overhead(costs: CostTable, report: dict) -> None:
@@ -718,8 +788,10 @@ def plan_command(args) -> dict:
             runnable.append(fitted)
 
         def measure(placement: Placement) -> dict:
-            placed = {s: (d if d != model_device else "auto") for s, d in placement.as_dict().items()}
-            return wl.profile_run(work, wl.memops_config(args, placed), args.new_tokens, label=placement.label())
+            base = wl.memops_config(args, {})
+            placed = config_for_placement(placement, model_device, method=base.method, page_size=base.page_size,
+                                          token_budget=base.token_budget, dense_layers=base.dense_layers)
+            return wl.profile_run(work, placed, args.new_tokens, label=placement.label())
 
         result["validation"] = validate(costs, measure, runnable)
     calibrated = ", ".join(f"{d} ({costs.sources.get(d, '')})" for d in devices)
