@@ -17,10 +17,12 @@ def test_bench_offload_cpu_smoke_writes_its_table(tmp_path):
     result = bench_offload.main(["--cpu-smoke", "--cell", "2x256", "--repeats", "1", "--new-tokens", "2",
                                  "--gather-threads", "1", "--out", str(tmp_path), "--tag=-test"])
     rows = {row["row"]: row for row in result["rows"]}
-    assert list(rows) == bench_offload.ROW_NAMES == ["gpu-ours", "offload-ours", "offload-hf", "gpu-stock",
-                                                     "capped-gpu-stock"]
+    assert list(rows) == bench_offload.ROW_NAMES == ["gpu-ours", "offload-ours", "gpu-ours-static",
+                                                     "offload-ours-static", "offload-ours-gather", "offload-hf",
+                                                     "gpu-stock", "capped-gpu-stock"]
     assert rows["offload-hf"]["status"].startswith("skipped: transformers' offloaded cache needs CUDA")
-    for name in ("gpu-stock", "gpu-ours", "capped-gpu-stock", "offload-ours"):
+    for name in ("gpu-stock", "gpu-ours", "capped-gpu-stock", "offload-ours", "gpu-ours-static",
+                 "offload-ours-static", "offload-ours-gather"):
         row = rows[name]
         # A noisy CPU may time t(1+n) below t(1); the row then says so instead of reporting it.
         assert row["status"] == "ok" or row["status"].startswith("noise"), (name, row["status"])
@@ -29,6 +31,8 @@ def test_bench_offload_cpu_smoke_writes_its_table(tmp_path):
         assert row["extra"]["capped"] is False  # no cap on the CPU, and the table says so
     # The offloaded pipeline computes what the all-on-one-device one computes.
     assert result["summary"]["offload_ours_tokens_equal_gpu_ours"] is True
+    assert result["summary"]["offload_ours_static_tokens_equal_gpu_ours_static"] is True
+    assert result["summary"]["offload_ours_gather_tokens_equal_gpu_ours"] is True
     assert "needs CUDA" in result["cap"]["why"]
     assert result["gather_threads"] == 1 and result["host_gather_gbps"]["1_threads"] > 0
     saved = json.loads((tmp_path / "bench_offload-test.json").read_text())
@@ -49,7 +53,7 @@ def test_planner_prediction_reports_both_placements():
     model = bench_offload.build_model(bench_offload.TINY, 4, bench_offload.torch.float32, "cpu")
     args = bench_offload.argparse.Namespace(page_size=16, budget=128, dense_layers=2)
     out = bench_offload.planner_prediction(model, args, bench_offload.Cell(2, 512), bench_offload.torch.float32,
-                                           {"gpu-ours": 10.0, "offload-ours": 12.5}, gpu="cpu")
+                                           {"gpu-ours": 10.0, "offload-ours-gather": 12.5}, gpu="cpu")
     for name in ("all-gpu", "host-memory"):
         assert set(out[name]) == {"prepare", "relevancy", "retrieval", "apply", "memory_ms"}
         assert out[name]["memory_ms"] > 0
