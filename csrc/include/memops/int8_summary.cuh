@@ -187,6 +187,8 @@ __global__ void __launch_bounds__(int8_detail::kThreads)
       const int64_t d = lane + int64_t(j) * gpu::kWarpSize;
       lo[j] = hi[j] = (n > 0 && d < p.dim) ? static_cast<float>(src[d]) : 0.f;
     }
+    // Unrolled so that several tokens' loads are in flight at once (the min/max order is kept).
+#pragma unroll 4
     for (int64_t t = 1; t < n; ++t) {
 #pragma unroll
       for (int j = 0; j < kPrepareMaxPerLane; ++j) {
