@@ -151,4 +151,8 @@ for r in kernels:
 print(f"{'op':52s} {'us':>9s} {'MB':>8s} {'GB/s':>8s}")
 for r in rows:
     print(f"{r['op']:52s} {r['us']:9.2f} {r['bytes'] / 1e6:8.2f} {r['gbps']:8.0f}")
+for B in (8, 1):
+    us = {r["op"].split()[1]: r["us"] for r in rows
+          if r["batch"] == B and r["path"] == "default" and r["op"].startswith("topk")}
+    print(f"B{B}: topk_relevancy int8 / bf16 summary time {us['int8'] / us['bf16']:.2f}")
 print(f"selected-page overlap int8 vs bf16 (random keys): B8 {overlaps[8]:.3f}, B1 {overlaps[1]:.3f}")

@@ -921,6 +921,22 @@ def test_int8_topk_every_kernel_matches_cpu_exactly(dtype, hq_hkv, D, switch, gr
     assert 9 in got_i[2, 0].tolist() and 5 not in got_i[2, 1].tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq", [40, 48, 64])
+def test_int8_topk_large_groups_shared_memory(dtype, Hq):
+    # One kv head of D = 256 for 40 to 64 query heads: the portable kernel's query takes 40 to
+    # 64 KB of shared memory next to the fused selection's static part (the opt-in above 40 KB).
+    B, P, N, D, k = 2, 8, 150, 256, 20
+    keys = integer_tensor(B, 1, N * P, D, dtype=dtype)
+    keys[:, :, ::P, 0] = 4
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    query = integer_tensor(B, Hq, D, dtype=dtype)
+    for kk in (N, k):
+        got_s, got_i = ops.topk_relevancy(query, q8, kk, sink_pages=1, recent_pages=2)
+        want_s, want_i = _int8_cpu_topk(query, q8, kk, sink_pages=1, recent_pages=2)
+        assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("switch", ["", "MEMOPS_CUDA_FUSED_SELECT"])
 def test_int8_topk_without_pages(dtype, switch, monkeypatch):
