@@ -879,6 +879,77 @@ def test_int8_topk_exact_on_integer_data(dtype, hq_hkv, D, group_reduce):
     assert torch.equal(got_s.cpu(), want_s)
 
 
+def _int8_cpu_topk(query, q8, k, **kw):
+    moved = {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in kw.items()}
+    return ops.topk_relevancy(query.cpu(), ops.QuantizedSummary(q8.codes.cpu(), q8.scales.cpu()),
+                              k, **moved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+# G = 1, 4, 7, 8 (tensor cores for 16-bit queries with D 64 / 128) and 18 (portable kernel).
+@pytest.mark.parametrize("hq_hkv", [(2, 2), (8, 2), (14, 2), (16, 2), (36, 2)])
+# 64, 128: tensor cores or 16 codes a lane in one run; 80: one run, lanes past D idle; 256: two.
+@pytest.mark.parametrize("D", [64, 128, 80, 256])
+@pytest.mark.parametrize("switch", ["", "MEMOPS_CUDA_FUSED_SELECT", "MEMOPS_CUDA_TENSOR_CORES"])
+@pytest.mark.parametrize("group_reduce", ["max", "sum"])
+def test_int8_topk_every_kernel_matches_cpu_exactly(dtype, hq_hkv, D, switch, group_reduce,
+                                                    monkeypatch):
+    # Integer data (exact sums in any order), a NaN page, an infinite page and non-finite query
+    # elements (those heads are scored again with the CPU's scalar formula): every page's score
+    # and the selection equal the CPU backend's, bit for bit, on every kernel (tensor-core or
+    # portable scoring, fused or separate selection). N = 333 is no multiple of any kernel's
+    # pages per block, and num_pages leaves most of two rows unused.
+    if switch:
+        monkeypatch.setenv(switch, "0")
+    Hq, Hkv = hq_hkv
+    B, P, N, k = 3, 4, 333, 40
+    keys = integer_tensor(B, Hkv, N * P, D, dtype=dtype)
+    keys[:, :, ::P, 0] = 4
+    keys[2, 1, 5 * P + 1, 3] = float("nan")  # page 5 of row (2, 1): NaN, ranks last
+    keys[2, 0, 9 * P, 2] = -float("inf")  # page 9 of row (2, 0): +inf, ranks first
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    query = integer_tensor(B, Hq, D, dtype=dtype)
+    query[1, 0, 5] = float("inf")  # a head of row (1, 0)
+    query[1, Hq - 1, 3] = -float("inf")  # the last head of row (1, Hkv - 1)
+    num_pages = torch.tensor([N, 17, 200], dtype=torch.int32, device=DEV)
+    for kk, args in [(N, {}), (k, dict(num_pages=num_pages, sink_pages=2, recent_pages=3))]:
+        args["group_reduce"] = group_reduce
+        got_s, got_i = ops.topk_relevancy(query, q8, kk, **args)
+        want_s, want_i = _int8_cpu_topk(query, q8, kk, **args)
+        assert torch.equal(got_i.cpu(), want_i)
+        torch.testing.assert_close(got_s.cpu(), want_s, rtol=0, atol=0, equal_nan=True)
+    assert 9 in got_i[2, 0].tolist() and 5 not in got_i[2, 1].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq", [40, 48, 64])
+def test_int8_topk_large_groups_shared_memory(dtype, Hq):
+    # One kv head of D = 256 for 40 to 64 query heads: the portable kernel's query takes 40 to
+    # 64 KB of shared memory next to the fused selection's static part (the opt-in above 40 KB).
+    B, P, N, D, k = 2, 8, 150, 256, 20
+    keys = integer_tensor(B, 1, N * P, D, dtype=dtype)
+    keys[:, :, ::P, 0] = 4
+    q8 = ops.prepare_memory(keys, P, mode="minmax_int8")
+    query = integer_tensor(B, Hq, D, dtype=dtype)
+    for kk in (N, k):
+        got_s, got_i = ops.topk_relevancy(query, q8, kk, sink_pages=1, recent_pages=2)
+        want_s, want_i = _int8_cpu_topk(query, q8, kk, sink_pages=1, recent_pages=2)
+        assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("switch", ["", "MEMOPS_CUDA_FUSED_SELECT"])
+def test_int8_topk_without_pages(dtype, switch, monkeypatch):
+    # N = 0: nothing is scored, yet every row is padded (the fused selection still runs).
+    if switch:
+        monkeypatch.setenv(switch, "0")
+    q8 = ops.QuantizedSummary(torch.zeros(2, 2, 0, 2, 128, dtype=torch.int8, device=DEV),
+                              torch.zeros(2, 2, 0, device=DEV))
+    query = torch.randn(2, 8, 128, device=DEV).to(dtype)
+    scores, indices = ops.topk_relevancy(query, q8, 3)
+    assert bool((indices == -1).all()) and bool(torch.isneginf(scores).all())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,k,sink,recent", [(300, 37, 1, 4), (10, 16, 0, 0), (2000, 512, 4, 8),
                                              (9000, 300, 1, 2)])

@@ -9,6 +9,7 @@
 #include "memops/topk_relevancy.cuh"
 #if !defined(__HIPCC__)
 // The tensor-core kernels are CUDA only (mma.cuh); HIP runs the portable kernels above.
+#include "memops/int8_summary_tc.cuh"
 #include "memops/sparse_apply_tc.cuh"
 #include "memops/topk_relevancy_tc.cuh"
 #endif
@@ -35,7 +36,9 @@ int instantiate_per_type() {
         p.kv_heads = 1;
         p.pages = 1;
         p.dim = dim;
-        failed += launch_relevancy_scores_int8<T>(p, vectorized, 1, stream) != gpu::kSuccess;
+        for (int* done : {static_cast<int*>(nullptr), &failed})
+          failed += launch_relevancy_scores_int8<T>(p, SelectParams{}, done, vectorized, 1,
+                                                    stream) != gpu::kSuccess;
       }
   }
   return failed;
@@ -67,6 +70,13 @@ int instantiate_tensor_core() {
         failed += launch_relevancy_tc<T>(p, SelectParams{}, nullptr, 1, stream) != gpu::kSuccess;
       }
     }
+    RelevancyInt8Params ip{};
+    ip.batch = 1;
+    ip.q_heads = 4;
+    ip.kv_heads = 1;
+    ip.pages = 1;
+    ip.dim = dim;
+    failed += launch_relevancy_int8_tc<T>(ip, SelectParams{}, nullptr, 1, stream) != gpu::kSuccess;
   }
   return failed;
 }

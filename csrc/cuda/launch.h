@@ -31,13 +31,19 @@ cudaError_t launch_topk_relevancy_tc(const RelevancyParams& scores, const Select
                                      cudaStream_t stream);
 cudaError_t launch_sparse_apply_tc(const SparseApplyParams& p, ElementType type,
                                    cudaStream_t stream);
-// The int8 summaries (int8_summary.cuh): `type` is the keys' (prepare) or the query's (scoring)
-// element type; scoring writes float32 scores, then the selection of launch_topk_relevancy runs.
+// The int8 summaries (int8_summary.cuh, int8_summary_tc.cuh): `type` is the keys' (prepare) or
+// the query's (scoring) element type; scoring writes float32 scores and selects as the 16-bit
+// paths do (`done`: rows zeroed ints for the fused selection, or nullptr for the separate
+// selection kernel). The tensor-core variant needs int8_tc_supported and sm_80+.
 cudaError_t launch_prepare_memory_int8(const PrepareMemoryInt8Params& p, ElementType type,
                                        int max_blocks, cudaStream_t stream);
 cudaError_t launch_topk_relevancy_int8(const RelevancyInt8Params& scores,
                                        const SelectParams& select, ElementType type,
-                                       bool vectorized, int target_blocks, cudaStream_t stream);
+                                       bool vectorized, int* done, int target_blocks,
+                                       cudaStream_t stream);
+cudaError_t launch_topk_relevancy_int8_tc(const RelevancyInt8Params& scores,
+                                          const SelectParams& select, ElementType type, int* done,
+                                          int resident_blocks, cudaStream_t stream);
 cudaError_t launch_merge_attention(const MergeAttentionParams& p, ElementType type,
                                    int max_blocks, cudaStream_t stream);
 // `unit_bytes`: 16, 8, 4, 2 or 1, the widest copy the row size, strides and addresses allow.

@@ -6,7 +6,9 @@
 namespace memops {
 namespace {
 
-// An int8 summary: codes + page scales (int8_summary.cuh), then the same selection.
+// An int8 summary: codes + page scales, scored on tensor cores for 16-bit queries where
+// int8_tc_supported (int8_summary_tc.cuh), else by the portable kernel (int8_summary.cuh); the
+// selection as for the 16-bit summaries.
 void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
                               const at::Tensor& scales, int64_t k,
                               const std::optional<at::Tensor>& num_pages, int64_t sink_pages,
@@ -39,10 +41,23 @@ void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
   sp.k = k;
   sp.sink_pages = sink_pages;
   sp.recent_pages = recent_pages;
-  check_launch(cuda::launch_topk_relevancy_int8(ip, sp, element_type(query),
-                                                allows_vector(codes), grid_limit(8),
-                                                current_stream()),
-               "topk_relevancy");
+  // As the 16-bit summaries: rows short enough are selected by the scoring kernel's last block
+  // of each row (per-row done counters zeroed here, a memset, so the step stays capturable).
+  at::Tensor done;
+  if (ip.pages <= kFusedSelectMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT"))
+    done = at::zeros({ip.batch * ip.kv_heads}, query.options().dtype(at::kInt));
+  int* done_ptr = done.defined() ? done.mutable_data_ptr<int32_t>() : nullptr;
+  const bool vectorized = allows_vector(codes);
+  if (tensor_cores_available() &&
+      int8_tc_supported(ip, vectorized && allows_vector(query), query.scalar_type() != at::kFloat)) {
+    check_launch(cuda::launch_topk_relevancy_int8_tc(ip, sp, element_type(query), done_ptr,
+                                                     grid_limit(2), current_stream()),
+                 "topk_relevancy");
+  } else {
+    check_launch(cuda::launch_topk_relevancy_int8(ip, sp, element_type(query), vectorized,
+                                                  done_ptr, grid_limit(8), current_stream()),
+                 "topk_relevancy");
+  }
 }
 
 }  // namespace

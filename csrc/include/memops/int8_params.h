@@ -33,4 +33,12 @@ struct RelevancyInt8Params {
   GroupReduce reduce;
 };
 
+// Whether the tensor-core scoring kernel of int8 summaries (int8_summary_tc.cuh) takes these
+// parameters: a 16-bit query, codes and query readable in 16-byte accesses (`vectorized`), D of
+// 64 or 128, GQA groups of 1 to 8 heads. The binding checks the device (sm_80+).
+inline bool int8_tc_supported(const RelevancyInt8Params& p, bool vectorized, bool sixteen_bit) {
+  const int64_t group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
+  return sixteen_bit && vectorized && (p.dim == 64 || p.dim == 128) && group >= 1 && group <= 8;
+}
+
 }  // namespace memops
