@@ -325,6 +325,9 @@ def test_measured_overhead_compares_alternated_decode_times():
     even = workload.measured_overhead(work, config, new_tokens=4, repeats=2, sample_every=1, warmup=False)
     assert even["overhead_pct"] == pytest.approx(sum(even["pair_overhead_pct"]) / 2), "median of two: their mean"
     assert even["warmup_runs"] == 0 and even["sampling"]["timed_tokens"] == [3, 3]
+    assert even["timed_vs_untimed_token_pct"] == [], "every token timed: no untimed neighbours to compare"
+    halves = workload.measured_overhead(work, config, new_tokens=5, repeats=1, sample_every=2, warmup=False)
+    assert halves["sampling"]["timed_tokens"] == [2] and len(halves["timed_vs_untimed_token_pct"]) == 1
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         workload.measured_overhead(work, config, new_tokens=4, repeats=0)
 

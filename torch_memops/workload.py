@@ -237,7 +237,9 @@ def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int 
     within a pair alternating (plain first, then profiled first, ...) so that a drift of the
     host's speed does not favour either. ``overhead_pct`` is the median over the pairs of
     (profiled / plain - 1); ``spread_pct`` the smallest and largest pair; ``ratio_of_medians_pct``
-    the same from the medians of the two sides.
+    the same from the medians of the two sides. Where the sampling leaves tokens untimed,
+    ``timed_vs_untimed_token_pct`` compares each run's timed tokens with its untimed ones: the
+    cost of timing one token, measured between neighbouring tokens (robust to a loaded host).
     """
     from torch_memops import hf
 
@@ -267,7 +269,7 @@ def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int 
     if warmup:
         plain_run()
         profiled_run()
-    plain, profiled, timed = [], [], []
+    plain, profiled, timed, in_run = [], [], [], []
     for i in range(repeats):
         if i % 2 == 0:
             plain.append(plain_run())
@@ -276,13 +278,19 @@ def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int 
             seconds, report = profiled_run()
             plain.append(plain_run())
         profiled.append(seconds)
-        timed.append(report["sampling"]["timed_tokens"])
+        sampling = report["sampling"]
+        timed.append(sampling["timed_tokens"])
+        if sampling["timed_token_ms"] and sampling["untimed_token_ms"]:
+            in_run.append(100.0 * (sampling["timed_token_ms"] / sampling["untimed_token_ms"] - 1.0))
     pairs = [100.0 * (b / a - 1.0) for a, b in zip(plain, profiled)]
     return {"plain_ms_per_token": [1e3 * v for v in plain], "profiled_ms_per_token": [1e3 * v for v in profiled],
             "pair_overhead_pct": pairs, "overhead_pct": _median(pairs), "spread_pct": [min(pairs), max(pairs)],
             "ratio_of_medians_pct": 100.0 * (_median(profiled) / _median(plain) - 1.0),
             "repeats": repeats, "warmup_runs": 2 if warmup else 0,
             "sampling": {"every": sample_every, "decode_tokens": new_tokens - 1, "timed_tokens": timed},
+            # Within each profiled run that left tokens untimed: its timed tokens against its untimed
+            # ones (neighbours, so the host's load cancels; the first decode token is among the timed).
+            "timed_vs_untimed_token_pct": in_run,
             "how": "median over alternated pairs of (profiled / unprofiled decode time per token) - 1, after one "
                    "unreported run of each"}
 
