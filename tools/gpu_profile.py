@@ -69,7 +69,7 @@ def main() -> None:
           f"one unreported warm-up run of the same length", flush=True)
     config = hf.MemopsConfig(method="quest", page_size=16, token_budget=args.budget, dense_layers=2)
     config = dataclasses.replace(config, token_budget=min(args.budget, max(contexts[0] // 2, 64)))
-    rows, reports = [], []
+    rows, reports, overhead_lines = [], [], []
     for context in contexts:
         for batch in batches:
             if args.deadline and time.time() > args.deadline:
@@ -97,6 +97,11 @@ def main() -> None:
                     pair[-1].setdefault("measured_overhead_by_sampling", {})[str(every)] = overhead
                     if every == args.sample_every:
                         pair[-1]["measured_overhead"] = overhead
+                    overhead_lines.append(
+                        f"measured profiler overhead at {_tokens(context)} x{batch}, sample_every={every}: "
+                        f"{overhead['overhead_pct']:+.1f} % (median of {overhead['repeats']} pairs, spread "
+                        f"{overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; timed tokens "
+                        f"{overhead['sampling']['timed_tokens']} of {overhead['sampling']['decode_tokens']})")
                     print(f"measured profiler overhead, sample_every={every}: {overhead['overhead_pct']:+.1f} % of "
                           f"decode time per token (median of {overhead['repeats']} alternated pairs after a warm-up, "
                           f"spread {overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; ms/token "
@@ -157,6 +162,7 @@ def main() -> None:
                      f"{t['prepare']:.2f} | {t['relevancy']:.2f} | {t['retrieval']:.2f} | {t['apply']:.2f} | "
                      f"{t['rest_of_model']:.2f} | {row['memory_processing_pct_time']:.1f} | "
                      f"{'-' if energy is None else f'{energy:.3f}'} |")
+    lines.extend(overhead_lines)
     if plan_result is not None:
         lines.append("")
         lines.append(plan.render_plan(plan_result, top=8))
