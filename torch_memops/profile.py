@@ -409,8 +409,10 @@ class Profiler:
     sample_every : int or "auto"
         Which decode tokens get the per-step timing (the prefill always does). ``1`` (default):
         every token. ``N``: decode tokens 0, N, 2N, ... . ``"auto"``: token 0, then each next
-        token when the profiler's own time so far plus the mean cost of one timed token stays
-        within ``overhead_budget_pct`` of the decode time so far plus one token. Every token
+        token when the time the profiler has cost so far plus the cost of one more timed token
+        stays within ``overhead_budget_pct`` of the decode time so far plus one token; the cost
+        of a timed token is the larger of its own clock's and the measured difference between
+        the timed and the untimed tokens' mean times. Every token
         counts in the decode time and the token count (the token clock is cheap); the decode
         step times are the mean over the timed tokens times the decode tokens, so per-token
         figures are the timed tokens' means and steps + rest still equal the decode time.
@@ -551,12 +553,20 @@ class Profiler:
         """Whether decode token ``token`` (0 = the first after the prefill) gets per-step timing."""
         if self.sample_every != "auto":
             return token % self.sample_every == 0
-        if not self._timed:
+        timed = len(self._timed)
+        if not timed:
             return True
         decode_s = self._marks[-1][0] - self._marks[0][0]
         own_s = self._overhead_s - self._overhead_first_mark
-        next_cost = self._timed_cost_s / len(self._timed)
-        return own_s + next_cost <= self.overhead_budget_pct / 100.0 * (decode_s + decode_s / token)
+        # The cost of timing a token: by the profiler's own clock, or, once there are untimed
+        # tokens, by how much longer the timed ones took, whichever is larger (the own clock
+        # misses the calls into the hook and any cost that shows only in the device's time).
+        cost = self._timed_cost_s / timed
+        untimed = token - timed
+        if untimed > 0:
+            cost = max(cost, self._timed_s / timed - self._untimed_s / untimed)
+        spent = max(own_s, timed * cost)
+        return spent + cost <= self.overhead_budget_pct / 100.0 * (decode_s + decode_s / token)
 
     # -- the context --------------------------------------------------------------------------
 
