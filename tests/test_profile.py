@@ -317,3 +317,219 @@ def test_measured_overhead_compares_alternated_decode_times():
     assert len(plain) == len(profiled) == 3 and min(plain + profiled) > 0
     ratios = sorted(b / a for a, b in zip(plain, profiled))
     assert result["overhead_pct"] == pytest.approx(100.0 * (ratios[1] - 1.0))
+    pairs = result["pair_overhead_pct"]
+    assert pairs == pytest.approx([100.0 * (b / a - 1.0) for a, b in zip(plain, profiled)])
+    assert result["spread_pct"] == [min(pairs), max(pairs)] and result["warmup_runs"] == 2
+    assert result["sampling"] == {"every": "auto", "decode_tokens": 4, "timed_tokens": result["sampling"]["timed_tokens"]}
+    assert len(result["sampling"]["timed_tokens"]) == 3 and all(1 <= n <= 4 for n in result["sampling"]["timed_tokens"])
+    even = workload.measured_overhead(work, config, new_tokens=4, repeats=2, sample_every=1, warmup=False)
+    assert even["overhead_pct"] == pytest.approx(sum(even["pair_overhead_pct"]) / 2), "median of two: their mean"
+    assert even["warmup_runs"] == 0 and even["sampling"]["timed_tokens"] == [3, 3]
+    assert even["timed_vs_untimed_token_pct"] == [], "every token timed: no untimed neighbours to compare"
+    halves = workload.measured_overhead(work, config, new_tokens=5, repeats=1, sample_every=2, warmup=False)
+    assert halves["sampling"]["timed_tokens"] == [2] and len(halves["timed_vs_untimed_token_pct"]) == 1
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        workload.measured_overhead(work, config, new_tokens=4, repeats=0)
+
+
+# -- per-step timing on a sample of the decode tokens ------------------------------------------------
+
+
+def manual_run(tokens, layers=3, sample_every=1, step_s=0.0005, **kwargs):
+    """A manual loop: per token, ``layers`` timed steps on the host and one counted copy."""
+    cpu = torch.device("cpu")
+    with Profiler(energy=False, sample_every=sample_every, **kwargs) as prof:
+        hooks = [prof.for_layer(i) for i in range(layers)]
+        for hook in hooks:  # the prefill
+            with hook.step("prefill", "prepare", [cpu]):
+                time.sleep(step_s)
+        prof.mark_token()
+        for _ in range(tokens):
+            for hook in hooks:
+                with hook.step("decode", "relevancy", [cpu]):
+                    time.sleep(step_s)
+                hook.moved(torch.ones(4), torch.device("meta"))
+            prof.mark_token()
+    return prof, prof.report()
+
+
+@pytest.mark.parametrize("every, timed", [(1, list(range(7))), (3, [0, 3, 6]), (4, [0, 4]), (10, [0])])
+def test_every_nth_token_is_timed_and_the_steps_stand_for_all_tokens(every, timed):
+    prof, report = manual_run(7, sample_every=every)
+    profile.validate_report(report)
+    sampling, decode = report["sampling"], report["phases"]["decode"]
+    assert sampling["timed"] == timed and sampling["timed_tokens"] == len(timed)
+    assert decode["tokens"] == sampling["decode_tokens"] == 7
+    assert sampling["step_scale"] == pytest.approx(7 / len(timed))
+    assert decode["step_calls"] == {"relevancy": 3 * len(timed)}, "only the timed tokens' steps were recorded"
+    assert report["phases"]["prefill"]["step_calls"] == {"prepare": 3}, "the prefill is always timed"
+    recorded = sum(s for (phase, *_), s in prof._seconds.items() if phase == "decode")
+    assert decode["steps_s"]["relevancy"] == pytest.approx(recorded * 7 / len(timed), rel=1e-12)
+    layers = report["per_layer_s"]["decode"]
+    assert sum(layers[str(i)]["relevancy"] for i in range(3)) == pytest.approx(decode["steps_s"]["relevancy"])
+    assert sum(report["per_device_s"]["decode"]["cpu"].values()) == pytest.approx(decode["steps_s"]["relevancy"])
+    # The mean over the timed tokens: about 3 sleeps per token whatever the sampling.
+    assert decode["per_token_ms"]["relevancy"] >= 3 * 0.5
+    per_token = decode["per_token_ms"]
+    assert sum(per_token[s] for s in MEMORY_STEPS) + per_token["rest_of_model"] == pytest.approx(per_token["total"])
+    # Bytes are counted on every token, timed or not.
+    assert report["bytes_moved"]["cpu->meta"]["decode"] == 7 * 3 * 16
+    assert (sampling["untimed_token_ms"] is None) == (len(timed) == 7)
+    assert "per-step timing: " + f"{len(timed)} of 7 decode tokens" in profile.render_table([report], use_rich=False)
+
+
+def test_sample_every_one_is_the_unsampled_profiler():
+    """N = 1 (the default): every decode token timed, sums unscaled, the report as before sampling."""
+    prof, report = manual_run(5)
+    assert Profiler().sample_every == 1
+    assert report["sampling"]["step_scale"] == 1.0 and report["sampling"]["timed"] == [0, 1, 2, 3, 4]
+    recorded = sum(s for (phase, *_), s in prof._seconds.items() if phase == "decode")
+    assert report["phases"]["decode"]["steps_s"]["relevancy"] == recorded  # exactly: no scaling at all
+    assert report["phases"]["decode"]["step_calls"] == {"relevancy": 15}
+
+
+def test_auto_sampling_keeps_the_profilers_cost_within_its_budget(monkeypatch):
+    """Make each timed step cost 2 ms more (sync=True with a slow synchronisation before and after,
+    the first on the profiler's own clock, the second only in the token's time): auto then times
+    only as many tokens as its budget allows, spread over the run, first token included, and
+    prices a timed token by what it measurably costs, not only by its own clock."""
+    def slow_sync(devices):
+        time.sleep(0.001)
+
+    monkeypatch.setattr(profile, "_synchronize", slow_sync)
+    prof, report = manual_run(40, sample_every="auto", sync=True, overhead_budget_pct=20.0)
+    profile.validate_report(report)
+    sampling, overhead = report["sampling"], report["overhead"]
+    timed = sampling["timed"]
+    assert sampling["every"] == "auto" and sampling["budget_pct"] == 20.0
+    assert timed[0] == 0 and 2 <= len(timed) < 40, timed
+    assert max(timed) >= 20, f"timed tokens are spread over the run, not bunched at its start: {timed}"
+    # What timing cost, from the token times: the timed tokens' excess over the untimed ones.
+    decode = report["phases"]["decode"]
+    excess_ms = len(timed) * (sampling["timed_token_ms"] - sampling["untimed_token_ms"])
+    cost_pct = 100.0 * excess_ms / (1e3 * decode["time_s"])
+    # The controller predicts one timed token ahead: it may overshoot by about one token's cost.
+    assert cost_pct <= 30.0, (cost_pct, sampling)
+    assert overhead["pct_of_decode"] < cost_pct, "its own clock sees only part of the cost"
+    # With every token timed the same run spends far more than the budget on itself.
+    _, every = manual_run(40, sample_every=1, sync=True)
+    assert every["overhead"]["pct_of_decode"] > 30.0, every["overhead"]
+
+
+@pytest.mark.parametrize("kwargs, match", [({"sample_every": 0}, "sample_every must be an int >= 1 or 'auto'"),
+                                           ({"sample_every": "half"}, "sample_every must be"),
+                                           ({"sample_every": True}, "sample_every must be"),
+                                           ({"overhead_budget_pct": 0}, "overhead_budget_pct must be")])
+def test_bad_sampling_arguments_name_the_problem(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Profiler(**kwargs)
+
+
+def test_validation_catches_an_inconsistent_sampling():
+    _, report = manual_run(6, sample_every=2)
+    profile.validate_report(report)
+    broken = json.loads(json.dumps(report))
+    broken["sampling"]["step_scale"] = 1.0
+    with pytest.raises(ValueError, match="step_scale must be decode_tokens / timed_tokens"):
+        profile.validate_report(broken)
+    broken = json.loads(json.dumps(report))
+    broken["sampling"]["timed"].append(5)
+    with pytest.raises(ValueError, match="sampling must time"):
+        profile.validate_report(broken)
+    old = json.loads(json.dumps(report))
+    del old["sampling"]  # a report from before sampling existed still validates
+    profile.validate_report(old)
+
+
+def test_sampled_generate_breakdown_adds_up():
+    """A real generate() with every 2nd of 6 decode tokens timed: tokens 0, 2, 4."""
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(1))
+    config = hf.MemopsConfig(page_size=PAGE, token_budget=4 * PAGE, dense_layers=1)
+    with hf.enable(model, config) as session, Profiler(energy=False, sample_every=2) as prof:
+        prof.attach(session)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                           min_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=[prof.token_clock()])
+    report = prof.report()
+    profile.validate_report(report)
+    decode = report["phases"]["decode"]
+    assert report["sampling"]["timed"] == [0, 2, 4] and report["sampling"]["step_scale"] == 2.0
+    assert decode["step_calls"] == {"prepare": 3 * 3, "relevancy": 3 * 3, "apply": 3 * 3, "dense": 3}
+    assert decode["tokens"] == NEW_TOKENS - 1 and report["path"]["decode"] == "eager"
+    assert 0 < decode["memory_processing_pct"] < 100
+
+
+def test_profile_run_warms_up_with_the_same_length(monkeypatch):
+    from torch_memops import workload
+
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 60), generator=torch.Generator().manual_seed(1))
+    work = workload.Workload(model, ids, "tiny", torch.device("cpu"))
+    config = hf.MemopsConfig(page_size=PAGE, token_budget=4 * PAGE, dense_layers=1)
+    lengths = []
+    generate = workload._generate
+
+    def counting(workload_, new_tokens, *args, **kwargs):
+        lengths.append(new_tokens)
+        return generate(workload_, new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(workload, "_generate", counting)
+    for cfg in (None, config):
+        lengths.clear()
+        report = workload.profile_run(work, cfg, 5, label="x")
+        assert lengths == [5, 5], "one unreported warm-up generate of the same length, then the profiled one"
+        assert report["warmup"]["runs"] == 1 and report["warmup"]["new_tokens"] == 5
+        assert report["warmup"]["reported"] is False and "not reported" in report["warmup"]["how"]
+        assert report["sampling"]["every"] == "auto"
+    lengths.clear()
+    assert workload.profile_run(work, config, 5, label="x", warmup=False)["warmup"]["runs"] == 0
+    assert lengths == [5]
+
+
+def test_a_layer_hook_resolves_its_steps_again_in_a_new_run_and_after_a_new_placement():
+    class Layer:
+        pass
+
+    cpu = torch.device("cpu")
+    layer = Layer()
+    layer.devices = {"relevancy": cpu}
+    prof = Profiler(energy=False)
+    hook = prof.for_layer(5, layer)
+    for run in range(2):
+        with prof:
+            for _ in range(3 + run):
+                with hook.step("decode", "relevancy", {cpu}):
+                    pass
+            prof.mark_token()
+            prof.mark_token()
+        assert prof.report()["phases"]["decode"]["step_calls"] == {"relevancy": 3 + run}, "a new run starts at zero"
+    layer.devices = {"relevancy": torch.device("meta")}  # a re-initialised cache: a new placement dict
+    with prof:
+        with hook.step("decode", "relevancy", {cpu}):
+            pass
+        prof.mark_token()
+    assert set(prof.report()["per_device_s"]["decode"]) == {"meta"}
+
+
+def test_sampling_does_not_recompile_the_compiled_decode():
+    """The timed/untimed switch flips between tokens: a captured graph must never guard on it
+    (one graph), and the decode is still reported compiled."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(1))
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE,
+                                                           dense_layers=1)) as session:
+        with Profiler(energy=False, sample_every=2) as prof:
+            prof.attach(session)
+            model.generate(ids, max_new_tokens=7, do_sample=False, cache_implementation="static",
+                           compile_config=compile_config, logits_processor=[prof.token_clock()])
+    report = prof.report()
+    profile.validate_report(report)
+    assert report["path"]["decode"] == "compiled" and not report["path"]["decode_steps_observed"]
+    assert report["sampling"]["timed"] == [0, 2, 4]
+    # A guard on the switch would recompile at the first flip: a second graph.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])

@@ -31,6 +31,9 @@ def test_profile_command_writes_the_breakdown(tmp_path, capsys):
         validate_report(report)
     # 29 of SmolLM2's 30 layers are sparse; each ran relevancy at both decode tokens.
     assert result["reports"][1]["phases"]["decode"]["step_calls"]["relevancy"] == 29 * 2
+    for report in result["reports"]:  # each after one unreported warm-up run of the same length
+        assert report["warmup"]["runs"] == 1 and report["warmup"]["new_tokens"] == 3
+        assert report["sampling"]["every"] == "auto" and report["sampling"]["decode_tokens"] == 2
     printed = capsys.readouterr().out
     assert "memory processing" in printed and "rest of model" in printed
 
@@ -39,6 +42,18 @@ def test_profile_command_writes_the_breakdown(tmp_path, capsys):
 def test_bad_placement_names_the_problem(text, match):
     with pytest.raises(ValueError, match=match):
         workload.parse_placement(text)
+
+
+def test_sample_every_parses_and_rejects():
+    import argparse
+
+    assert workload.sample_every_argument("auto") == "auto" and workload.sample_every_argument("4") == 4
+    for bad in ("0", "-2", "every"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected auto or an integer >= 1"):
+            workload.sample_every_argument(bad)
+    args = cli.build_parser().parse_args(["profile", "--sample-every", "3", "--no-warmup"])
+    assert args.sample_every == 3 and args.no_warmup
+    assert cli.build_parser().parse_args(["profile"]).sample_every == "auto"
 
 
 def test_placement_parses():

@@ -34,7 +34,7 @@ batch=${ENERGY_CELL%x*}; context=${ENERGY_CELL#*x}
 budget=$(( $(left) - 10 ))
 if [ "$budget" -gt 90 ]; then
   OUT="$OUT/profile_energy" BUDGET_S=$budget CONTEXTS=$context BATCHES=$batch NEW_TOKENS=16 \
-    PROFILE_ARGS="--path compiled --no-plan" bash tools/gpu_profile.sh | tail -12
+    PROFILE_ARGS="--path compiled --no-plan --overhead-repeats 0" bash tools/gpu_profile.sh | tail -12
 fi
 cd "$OUT" && tar -czf profiles.tar.gz profile_b1 profile_energy 2>/dev/null
 echo "total $(( $(date +%s) - start )) s"

@@ -6,6 +6,11 @@ Loads the Llama 3.1 8B architecture with random weights once (bf16, on the GPU),
    memory-processing share, NVML energy per decode token;
 2. runs the planner at the first context (devices: --plan-devices) and validates its best
    placements that run here against profiled runs.
+Every measured configuration is preceded by one unreported warm-up generate() of the same length
+(each report's "warmup" says so); per-step timing is on the decode tokens that the profiler's
+overhead budget allows (--sample-every, default auto; each report's "sampling"), and the profiler's
+overhead is measured against unprofiled runs (5 alternated pairs, median and spread).
+Each row says which decode path ran (eager: step hooks ran; compiled: a captured graph).
 Writes profile_<context>_<batch>.json, plan.json and summary.md under --out.
 """
 
@@ -27,6 +32,15 @@ def _tokens(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+def _timed(report: dict) -> str:
+    sampling = report.get("sampling") or {}
+    return f"{sampling.get('timed_tokens', '?')}/{sampling.get('decode_tokens', '?')}"
+
+
+def _ms(values) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -34,7 +48,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1")
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--plan-devices", default="cuda,cpu")
+    parser.add_argument("--plan-devices", default="cuda,cpu,fpga")
     parser.add_argument("--validate", type=int, default=3, help="best-ranked runnable placements to measure, besides "
                         "the ones the issue names (all on the GPU; KV on the CPU + GPU apply; FPGA + GPU apply)")
     parser.add_argument("--path", choices=("eager", "compiled"), default="eager",
@@ -44,6 +58,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--num-layers", type=int)
     parser.add_argument("--deadline", type=float, default=0.0, help="unix time after which no new stage starts")
+    parser.add_argument("--sample-every", type=workload.sample_every_argument, default="auto",
+                        help="per-step timing on every N-th decode token, or auto (default)")
+    parser.add_argument("--overhead-repeats", type=int, default=5, help="alternated pairs of the overhead measurement (0: not measured)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -52,10 +69,11 @@ def main() -> None:
     work = workload.load_workload(args.model, contexts[0], 1, args.device, num_layers=args.num_layers)
     dev = work.device.type
     dtype = next(work.model.parameters()).dtype
-    print(f"model: {work.name}, loaded in {time.time() - t0:.1f} s", flush=True)
+    print(f"model: {work.name}, loaded in {time.time() - t0:.1f} s; every configuration below is measured after "
+          f"one unreported warm-up run of the same length", flush=True)
     config = hf.MemopsConfig(method="quest", page_size=16, token_budget=args.budget, dense_layers=2)
     config = dataclasses.replace(config, token_budget=min(args.budget, max(contexts[0] // 2, 64)))
-    rows, reports = [], []
+    rows, reports, overhead_lines = [], [], []
     for context in contexts:
         for batch in batches:
             if args.deadline and time.time() > args.deadline:
@@ -67,20 +85,35 @@ def main() -> None:
             pair = []
             for label, cfg in (("dense", None), ("quest", config)):
                 report = workload.profile_run(cell, cfg, args.new_tokens, label=f"{label} {_tokens(context)} x{batch}",
-                                              path="eager" if cfg is None else args.path)
+                                              path="eager" if cfg is None else args.path,
+                                              sample_every=args.sample_every)
                 pair.append(report)
                 row = workload.summary_row(report)
-                row.update(context=context, batch=batch)
+                row.update(context=context, batch=batch, timed=_timed(report), warmup=report["warmup"]["runs"])
                 rows.append(row)
-                print(f"{row['label']}: {row['decode_ms_per_token']['total']:.2f} ms/token, memory "
-                      f"{row['memory_processing_pct_time']:.1f} %, "
+                print(f"{row['label']} [{row['path']}, warm-up {report['warmup']['seconds']:.1f} s not reported, "
+                      f"steps timed on {row['timed']} tokens]: {row['decode_ms_per_token']['total']:.2f} ms/token, "
+                      f"memory {row['memory_processing_pct_time']:.1f} %, "
                       f"{row['energy_j_per_decode_token'] or float('nan'):.3f} J/token", flush=True)
-            if context == contexts[0] and batch == batches[0]:
-                overhead = workload.measured_overhead(cell, config, args.new_tokens, repeats=3)
-                pair[-1]["measured_overhead"] = overhead
-                print(f"measured profiler overhead: {overhead['overhead_pct']:+.1f} % of decode time per token "
-                      f"(plain {overhead['plain_ms_per_token']}, profiled {overhead['profiled_ms_per_token']})",
-                      flush=True)
+            if context == contexts[0] and batch == batches[0] and args.overhead_repeats > 0:
+                for every in dict.fromkeys([args.sample_every, 1]):  # also the cost of timing every token
+                    overhead = workload.measured_overhead(cell, config, args.new_tokens, repeats=args.overhead_repeats,
+                                                          path=args.path, sample_every=every)
+                    pair[-1].setdefault("measured_overhead_by_sampling", {})[str(every)] = overhead
+                    if every == args.sample_every:
+                        pair[-1]["measured_overhead"] = overhead
+                    overhead_lines.append(
+                        f"measured profiler overhead at {_tokens(context)} x{batch}, sample_every={every}: "
+                        f"{overhead['overhead_pct']:+.1f} % (median of {overhead['repeats']} pairs, spread "
+                        f"{overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; timed tokens "
+                        f"{overhead['sampling']['timed_tokens']} of {overhead['sampling']['decode_tokens']})")
+                    print(f"measured profiler overhead, sample_every={every}: {overhead['overhead_pct']:+.1f} % of "
+                          f"decode time per token (median of {overhead['repeats']} alternated pairs after a warm-up, "
+                          f"spread {overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; ms/token "
+                          f"plain {_ms(overhead['plain_ms_per_token'])}, profiled "
+                          f"{_ms(overhead['profiled_ms_per_token'])}; timed tokens "
+                          f"{overhead['sampling']['timed_tokens']} of {overhead['sampling']['decode_tokens']})",
+                          flush=True)
             (args.out / f"profile_{context}_{batch}.json").write_text(json.dumps(pair, indent=1))
             reports.extend(pair)
             if dev == "cuda":
@@ -102,7 +135,7 @@ def main() -> None:
         print(f"planner devices: {devices} (asked {args.plan_devices}, present {present})", flush=True)
         shape = plan.shape_for(work.model.config, config, context + args.new_tokens // 2, 1, dtype)
         costs = plan.calibrate(shape, devices, dev, repeats=10)
-        fit_report = workload.profile_run(cell, config, args.new_tokens, label="fit")
+        fit_report = workload.profile_run(cell, config, args.new_tokens, label="fit", sample_every=args.sample_every)
         plan.fit_step_overhead(costs, fit_report)
         costs.power = {**plan.default_power(devices), **plan.measured_power(fit_report)}
         costs.models["u55c"] = plan.u55c_model()
@@ -123,21 +156,26 @@ def main() -> None:
         def measure(placement):
             cfg = plan.config_for_placement(placement, dev, method="quest", page_size=16, token_budget=args.budget,
                                             dense_layers=2)
-            return workload.profile_run(cell, cfg, args.new_tokens, label=placement.label())
+            return workload.profile_run(cell, cfg, args.new_tokens, label=placement.label(),
+                                        sample_every=args.sample_every)
 
         plan_result = {"ranked": ranked, "costs": plan.costs_as_json(costs), "objective": "latency",
                        "validation": plan.validate(costs, measure, runnable)}
         (args.out / "plan.json").write_text(json.dumps(plan_result, indent=1))
 
-    lines = ["| context | batch | config | decode ms/token | prepare | relevancy | retrieval | apply | rest | "
-             "memory % | J/token (NVML) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["every row after one unreported warm-up run; path: the decode path that ran; timed: decode tokens "
+             "with per-step timing",
+             "| context | batch | config | path | timed | decode ms/token | prepare | relevancy | retrieval | apply | "
+             "rest | memory % | J/token (NVML) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         t = row["decode_ms_per_token"]
         energy = row["energy_j_per_decode_token"]
-        lines.append(f"| {row['context']} | {row['batch']} | {row['label'].split()[0]} | {t['total']:.2f} | "
+        lines.append(f"| {row['context']} | {row['batch']} | {row['label'].split()[0]} | {row['path']} | "
+                     f"{row['timed']} | {t['total']:.2f} | "
                      f"{t['prepare']:.2f} | {t['relevancy']:.2f} | {t['retrieval']:.2f} | {t['apply']:.2f} | "
                      f"{t['rest_of_model']:.2f} | {row['memory_processing_pct_time']:.1f} | "
                      f"{'-' if energy is None else f'{energy:.3f}'} |")
+    lines.extend(overhead_lines)
     if plan_result is not None:
         lines.append("")
         lines.append(plan.render_plan(plan_result, top=8))

@@ -260,13 +260,19 @@ def _compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+_now = time.perf_counter  # one global lookup per call in the hooks
+
+
 class _Step:
-    """The context object of one step: a host timer, or a pair of GPU events, around the body."""
+    """The context object of one step: a host timer, or a pair of GPU events, around the body.
 
-    __slots__ = ("profiler", "key", "device", "devices", "start", "end", "t_body", "t_call")
+    ``cell``: the ``[seconds, calls]`` accumulator of the step's (phase, name, layer, device).
+    """
 
-    def __init__(self, profiler: "Profiler", key, device: torch.device, devices, t_call: float):
-        self.profiler, self.key, self.device, self.devices, self.t_call = profiler, key, device, devices, t_call
+    __slots__ = ("profiler", "cell", "device", "devices", "start", "end", "stream", "t_body", "t_call")
+
+    def __init__(self, profiler: "Profiler", cell: list, device: torch.device, devices, t_call: float):
+        self.profiler, self.cell, self.device, self.devices, self.t_call = profiler, cell, device, devices, t_call
 
     def __enter__(self):
         p = self.profiler
@@ -274,27 +280,32 @@ class _Step:
         if p.sync:
             _synchronize(self.devices)
             self.start = None
-        elif _is_gpu(self.device):
+        elif self.device.type == "cuda":
+            # One stream lookup per step (torch.cuda.current_stream builds a Stream object, the
+            # costliest call of the hook): the end event goes on the stream the start went on.
+            self.stream = torch.cuda.current_stream(self.device)
             self.start, self.end = p._event_pair()
-            self.start.record(torch.cuda.current_stream(self.device))
+            self.start.record(self.stream)
         else:
             self.start = None
-        self.t_body = time.perf_counter()
+        self.t_body = _now()
         p._overhead_s += self.t_body - t0
         return self
 
     def __exit__(self, *exc):
         p = self.profiler
-        t2 = time.perf_counter()
+        t2 = _now()
         if self.start is not None:
-            self.end.record(torch.cuda.current_stream(self.device))
-            p._pending.append((self.key, self.start, self.end))
+            self.end.record(self.stream)
+            p._pending.append((self.cell, self.start, self.end))
         else:
             if p.sync:
                 _synchronize(self.devices)
-                t2 = time.perf_counter()
-            p._add_time(self.key, t2 - self.t_body)
-        p._overhead_s += time.perf_counter() - t2
+                t2 = _now()
+            cell = self.cell
+            cell[0] += t2 - self.t_body
+            cell[1] += 1
+        p._overhead_s += _now() - t2
         return False
 
 
@@ -303,17 +314,40 @@ _NULL_STEP = contextlib.nullcontext()
 
 
 class _LayerHook:
-    """The profiler as one cache layer sees it: the same hook, with the layer's index attached."""
+    """The profiler as one cache layer sees it: the same hook, with the layer's index attached.
 
-    __slots__ = ("profiler", "layer_idx", "_layer")
+    A step the layer places (its ``devices`` dict names it) is resolved once per profiled run:
+    device, accumulator and the devices it touches are kept until the layer's placement dict is
+    replaced (a re-initialised cache) or the profiler starts a new run.
+    """
+
+    __slots__ = ("profiler", "layer_idx", "_layer", "_memo")
 
     def __init__(self, profiler: "Profiler", layer_idx: int, layer=None):
         self.profiler, self.layer_idx = profiler, layer_idx
         self._layer = weakref.ref(layer) if layer is not None else None
+        self._memo: dict = {}
 
     def step(self, phase: str, name: str, devices, layer=None):
+        p = self.profiler
+        # An untimed token (or a graph being compiled) costs this test and nothing else;
+        # is_compiling comes first so that a traced graph never reads (and guards on) _timing.
+        if _compiling() or not p._timing:
+            return _NULL_STEP
+        t_call = _now()
         owner = self._layer() if self._layer is not None else None
-        return self.profiler.step(phase, name, devices, layer=self.layer_idx, owner=owner)
+        placed = getattr(owner, "devices", None)
+        memo = self._memo.get((phase, name))
+        if memo is None or memo[0] is not placed or memo[1] != p._run:
+            if not (isinstance(placed, dict) and name in placed):
+                return p._new_step(phase, name, devices, self.layer_idx, owner, t_call)
+            devices = tuple(devices) if not isinstance(devices, torch.device) else (devices,)
+            device = p._step_device(name, devices, owner)
+            memo = (placed, p._run, p._cell((phase, name, self.layer_idx, device)), device, devices)
+            self._memo[(phase, name)] = memo
+            p._devices_seen.update(devices)
+        p._phase = phase
+        return _Step(p, memo[2], memo[3], memo[4], t_call)
 
     def moved(self, tensor: Tensor, destination) -> None:
         self.profiler.moved(tensor, destination)
@@ -372,11 +406,33 @@ class Profiler:
         Where the powercap tree is (tests point it at a fake one).
     meters : dict, optional
         Device name -> :class:`EnergyMeter`, instead of the NVML and RAPL meters found.
+    sample_every : int or "auto"
+        Which decode tokens get the per-step timing (the prefill always does). ``1`` (default):
+        every token. ``N``: decode tokens 0, N, 2N, ... . ``"auto"``: token 0, then each next
+        token when the time the profiler has cost so far plus the cost of one more timed token
+        stays within ``overhead_budget_pct`` of the decode time so far plus one token; the cost
+        of a timed token is the larger of its own clock's and the measured difference between
+        the timed and the untimed tokens' mean times. Every token
+        counts in the decode time and the token count (the token clock is cheap); the decode
+        step times are the mean over the timed tokens times the decode tokens, so per-token
+        figures are the timed tokens' means and steps + rest still equal the decode time.
+        Bytes moved are counted on every token. ``report()["sampling"]`` says what was timed.
+    overhead_budget_pct : float
+        The share of decode time that ``sample_every="auto"`` allows the profiler (default 2.5,
+        half of the 5 % target: its own clock does not see all of its cost).
     """
 
     def __init__(self, *, sync: bool = False, energy: bool = True, fpga_power: FpgaPowerModel = U55C_POWER_MODEL,
                  label: str = "run", progress: Optional[int] = None, rapl_root: str = "/sys/class/powercap",
-                 meters: Optional[Dict[str, EnergyMeter]] = None):
+                 meters: Optional[Dict[str, EnergyMeter]] = None, sample_every: int | str = 1,
+                 overhead_budget_pct: float = 2.5):
+        if sample_every != "auto" and (isinstance(sample_every, bool) or not isinstance(sample_every, int)
+                                       or sample_every < 1):
+            raise ValueError(f"Profiler: sample_every must be an int >= 1 or 'auto', got {sample_every!r}")
+        if not (isinstance(overhead_budget_pct, (int, float)) and 0 < overhead_budget_pct < 100):
+            raise ValueError(f"Profiler: overhead_budget_pct must be a number in (0, 100), got {overhead_budget_pct!r}")
+        self.sample_every = sample_every
+        self.overhead_budget_pct = float(overhead_budget_pct)
         self.sync = sync
         self.energy = energy
         self.fpga_power = fpga_power
@@ -398,20 +454,24 @@ class Profiler:
         that the layer ``owner`` (a cache layer with a ``devices`` dict) places it on, else the
         first GPU in ``devices``, else the host.
         """
-        if not self._running or _compiling():
+        # is_compiling first: a traced graph then never reads (and guards on) _timing.
+        if _compiling() or not self._timing:
             return _NULL_STEP
-        t_call = time.perf_counter()
+        return self._new_step(phase, name, devices, layer, owner, _now())
+
+    def _new_step(self, phase: str, name: str, devices, layer, owner, t_call: float) -> _Step:
         devices = tuple(devices) if not isinstance(devices, torch.device) else (devices,)
         device = self._step_device(name, devices, owner)
         self._phase = phase
         self._devices_seen.update(devices)
-        return _Step(self, (phase, name, layer, device), device, devices, t_call)
+        return _Step(self, self._cell((phase, name, layer, device)), device, devices, t_call)
 
     def moved(self, tensor: Tensor, destination) -> None:
         """Count the bytes of ``tensor`` that cross to ``destination`` (nothing when it is already there)."""
         if not self._running or _compiling():
             return
-        destination = torch.device(destination)
+        if not isinstance(destination, torch.device):
+            destination = torch.device(destination)
         if tensor.device == destination:
             return
         key = (self._phase, str(tensor.device), str(destination))
@@ -466,13 +526,47 @@ class Profiler:
         """A token boundary: the forward that produced one token (for every row) has finished."""
         if not self._running:
             return
-        t0 = time.perf_counter()
         self._sync_all()
-        now = time.perf_counter()
+        now = _now()
         self._marks.append((now, self._read_energy()))
         self._drain()
         self._advance()
-        self._overhead_s += time.perf_counter() - now  # the synchronisation is the token's own wait
+        self._overhead_s += _now() - now  # the synchronisation is the token's own wait
+        # The token that ended here (decode token len(marks) - 2) and the one that starts.
+        finished = len(self._marks) - 2
+        if finished < 0:
+            self._overhead_first_mark = self._overhead_s
+        else:
+            spent = self._overhead_s - self._overhead_last_mark
+            seconds = now - self._marks[-2][0]
+            if self._timing:
+                self._timed.append(finished)
+                self._timed_cost_s += spent
+                self._timed_s += seconds
+            else:
+                self._untimed_s += seconds
+        self._overhead_last_mark = self._overhead_s
+        self._phase = "decode"
+        self._timing = self._time_next(finished + 1)
+
+    def _time_next(self, token: int) -> bool:
+        """Whether decode token ``token`` (0 = the first after the prefill) gets per-step timing."""
+        if self.sample_every != "auto":
+            return token % self.sample_every == 0
+        timed = len(self._timed)
+        if not timed:
+            return True
+        decode_s = self._marks[-1][0] - self._marks[0][0]
+        own_s = self._overhead_s - self._overhead_first_mark
+        # The cost of timing a token: by the profiler's own clock, or, once there are untimed
+        # tokens, by how much longer the timed ones took, whichever is larger (the own clock
+        # misses the calls into the hook and any cost that shows only in the device's time).
+        cost = self._timed_cost_s / timed
+        untimed = token - timed
+        if untimed > 0:
+            cost = max(cost, self._timed_s / timed - self._untimed_s / untimed)
+        spent = max(own_s, timed * cost)
+        return spent + cost <= self.overhead_budget_pct / 100.0 * (decode_s + decode_s / token)
 
     # -- the context --------------------------------------------------------------------------
 
@@ -482,7 +576,7 @@ class Profiler:
             self._open_meters()
         self._sync_all()
         self._start = (time.perf_counter(), self._read_energy())
-        self._running = True
+        self._running = self._timing = True
         if self.progress:
             self._advance, self._close_progress = _progress_bar(self.progress, f"profiling {self.label}")
         return self
@@ -490,7 +584,7 @@ class Profiler:
     def __exit__(self, *exc) -> bool:
         self._sync_all()
         self._end = (time.perf_counter(), self._read_energy())
-        self._running = False
+        self._running = self._timing = False
         self._drain()
         self._close_progress()
         for detach in reversed(self._detach):
@@ -516,9 +610,13 @@ class Profiler:
 
     def _reset(self) -> None:
         self._running = False
+        self._timing = False  # per-step timing is on (the prefill, and the decode tokens sampled)
+        self._timed: List[int] = []  # decode tokens that had it
+        self._timed_cost_s = self._timed_s = self._untimed_s = 0.0
+        self._overhead_first_mark = self._overhead_last_mark = 0.0
         self._phase = "prefill"
-        self._seconds: Dict[tuple, float] = {}
-        self._counts: Dict[tuple, int] = {}
+        self._cells: Dict[tuple, list] = {}  # (phase, name, layer, device) -> [seconds, calls]
+        self._run = getattr(self, "_run", 0) + 1  # per-layer hooks re-resolve their steps in a new run
         self._bytes: Dict[tuple, int] = {}
         self._pending: list = []
         self._event_pool: list = []
@@ -556,14 +654,26 @@ class Profiler:
             return self._event_pool.pop()
         return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def _add_time(self, key, seconds: float) -> None:
-        self._seconds[key] = self._seconds.get(key, 0.0) + seconds
-        self._counts[key] = self._counts.get(key, 0) + 1
+    def _cell(self, key) -> list:
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = [0.0, 0]
+        return cell
+
+    @property
+    def _seconds(self) -> Dict[tuple, float]:
+        """Seconds recorded per (phase, name, layer, device), unscaled."""
+        return {key: cell[0] for key, cell in self._cells.items() if cell[1]}
+
+    @property
+    def _counts(self) -> Dict[tuple, int]:
+        return {key: cell[1] for key, cell in self._cells.items() if cell[1]}
 
     def _drain(self) -> None:
         """Turn finished event pairs into seconds (called after a synchronisation)."""
-        for key, start, end in self._pending:
-            self._add_time(key, start.elapsed_time(end) / 1e3)
+        for cell, start, end in self._pending:
+            cell[0] += start.elapsed_time(end) / 1e3
+            cell[1] += 1
             self._event_pool.append((start, end))
         self._pending = []
 
@@ -621,19 +731,26 @@ def _build_report(p: Profiler) -> dict:
         segments["prefill"] = (start_t, marks[0][0], start_e, marks[0][1])
         segments["decode"] = (marks[0][0], marks[-1][0], marks[0][1], marks[-1][1])
     decode_tokens = max(len(marks) - 1, 0)
+    timed_tokens = len(p._timed)
+    # Decode steps were timed on the sampled tokens only: their sums stand for all decode tokens
+    # at the sampled tokens' mean (exactly 1 when every token was timed).
+    scale = decode_tokens / timed_tokens if timed_tokens and decode_tokens else 1.0
 
     # seconds[phase][device][step], per layer kept apart
     by_device: Dict[str, Dict[str, Dict[str, float]]] = {}
     per_layer: Dict[str, Dict[str, Dict[str, float]]] = {}
     calls: Dict[str, Dict[str, int]] = {}
+    counts = p._counts
     for (phase, name, layer, device), seconds in p._seconds.items():
+        if phase == "decode" and scale != 1.0:
+            seconds = seconds * scale
         dev = _device_name(device)
         by_device.setdefault(phase, {}).setdefault(dev, {})
         by_device[phase][dev][name] = by_device[phase][dev].get(name, 0.0) + seconds
         if layer is not None:
             entry = per_layer.setdefault(phase, {}).setdefault(str(layer), {})
             entry[name] = entry.get(name, 0.0) + seconds
-        calls.setdefault(phase, {})[name] = calls.get(phase, {}).get(name, 0) + p._counts[(phase, name, layer, device)]
+        calls.setdefault(phase, {})[name] = calls.get(phase, {}).get(name, 0) + counts[(phase, name, layer, device)]
 
     wall_s = end_t - start_t
     phases = {}
@@ -696,6 +813,21 @@ def _build_report(p: Profiler) -> dict:
     for route in moved.values():
         route["decode_per_token"] = route["decode"] / decode_tokens if decode_tokens else None
 
+    decode_own_s = p._overhead_last_mark - p._overhead_first_mark if marks else 0.0
+    untimed = decode_tokens - timed_tokens
+    sampling = {
+        "every": p.sample_every,
+        "budget_pct": p.overhead_budget_pct if p.sample_every == "auto" else None,
+        "decode_tokens": decode_tokens, "timed_tokens": timed_tokens, "timed": list(p._timed),
+        "step_scale": scale,
+        "timed_token_ms": 1e3 * p._timed_s / timed_tokens if timed_tokens else None,
+        "untimed_token_ms": 1e3 * p._untimed_s / untimed if untimed > 0 else None,
+        "how": ("per-step timing on the decode tokens listed in 'timed' (the prefill always); every decode "
+                "token counts in the decode time; decode step times (steps_s, per_device_s, per_layer_s, "
+                "model_steps_s) are the timed tokens' sums times step_scale = decode_tokens / timed_tokens; "
+                "step_calls counts the calls timed"),
+    }
+
     devices = sorted({dev for ph in by_device.values() for dev in ph} | set(end_e))
     energy = _energy(p, devices, segments, by_device, moved, wall_s, start_e, end_e, decode_tokens)
 
@@ -714,7 +846,11 @@ def _build_report(p: Profiler) -> dict:
         "energy": energy,
         "overhead": {"profiler_s": p._overhead_s,
                      "pct_of_run": 100.0 * p._overhead_s / wall_s if wall_s > 0 else None,
+                     "decode_s": decode_own_s,
+                     "pct_of_decode": (100.0 * decode_own_s / phases["decode"]["time_s"]
+                                       if phases["decode"]["time_s"] else None),
                      "how": "time spent in the profiler's own bookkeeping, host side"},
+        "sampling": sampling,
         "torch": torch.__version__,
     }
 
@@ -788,6 +924,16 @@ def validate_report(report: dict) -> None:
             total = sum(entry["steps_s"].values()) + entry["rest_of_model_s"]
             if not math.isclose(total, entry["time_s"], rel_tol=1e-9, abs_tol=1e-12):
                 raise ValueError(f"profile report: phases.{phase}: steps + rest = {total}, time_s = {entry['time_s']}")
+    sampling = report.get("sampling")  # absent from reports written before sampling existed
+    if sampling is not None:
+        tokens, timed = report["phases"]["decode"]["tokens"], sampling["timed_tokens"]
+        if sampling["decode_tokens"] != tokens or timed != len(sampling["timed"]) or not 0 <= timed <= tokens:
+            raise ValueError(f"profile report: sampling must time 0..{tokens} of the {tokens} decode tokens and list "
+                             f"them, got {sampling}")
+        expected = tokens / timed if timed and tokens else 1.0
+        if not math.isclose(sampling["step_scale"], expected, rel_tol=1e-12):
+            raise ValueError(f"profile report: sampling.step_scale must be decode_tokens / timed_tokens = {expected}, "
+                             f"got {sampling['step_scale']}")
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -832,9 +978,22 @@ def _summary_lines(report: dict) -> List[str]:
     moved = report["bytes_moved"]
     lines.append("bytes moved per decode token: " + (", ".join(
         f"{route} {int(r['decode_per_token'] or 0)}" for route, r in moved.items()) or "none"))
+    sampling = report.get("sampling")
+    if sampling and sampling["decode_tokens"]:
+        every = sampling["every"]
+        rule = (f"auto, budget {sampling['budget_pct']:g} % of decode time" if every == "auto"
+                else "every token" if every == 1 else f"every {every}th token")
+        line = (f"per-step timing: {sampling['timed_tokens']} of {sampling['decode_tokens']} decode tokens ({rule})"
+                + (f", decode steps scaled x{sampling['step_scale']:.3g}" if sampling["step_scale"] != 1.0 else ""))
+        if sampling["untimed_token_ms"] is not None and sampling["timed_token_ms"] is not None:
+            line += (f"; token time timed {sampling['timed_token_ms']:.2f} ms, untimed "
+                     f"{sampling['untimed_token_ms']:.2f} ms")
+        lines.append(line)
     overhead = report["overhead"]
     lines.append(f"profiler overhead: {1e3 * overhead['profiler_s']:.2f} ms, "
-                 f"{_fmt(overhead['pct_of_run'], 2)} % of the run")
+                 f"{_fmt(overhead['pct_of_run'], 2)} % of the run"
+                 + (f", {_fmt(overhead['pct_of_decode'], 2)} % of decode" if overhead.get("pct_of_decode") is not None
+                    else "") + " (its own clock)")
     return lines
 
 

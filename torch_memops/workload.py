@@ -160,14 +160,30 @@ def _compile_config():
     return config
 
 
+#: What the reports say about the warm-up run.
+WARMUP_HOW = ("one generate() of the same configuration, path and length before the measured one, not reported "
+              "(it pays CUDA/cuBLAS initialisation, the caching allocator's growth, compilation, clocks)")
+
+
+def warm_up(workload: Workload, config, new_tokens: int, path: str = "eager") -> dict:
+    """One unreported generate() of the configuration; returns what the report says about it."""
+    seconds = _run_once(workload, config, new_tokens, None, path)
+    return {"runs": 1, "new_tokens": new_tokens, "seconds": seconds, "reported": False, "how": WARMUP_HOW}
+
+
 def profile_run(workload: Workload, config, new_tokens: int, *, label: str, sync: bool = False,
-                path: str = "eager", warmup: bool = True, progress: bool = False) -> dict:
-    """Profile one configuration (``config=None``: the dense baseline); returns the profiler's report."""
+                path: str = "eager", warmup: bool = True, progress: bool = False,
+                sample_every: int | str = "auto") -> dict:
+    """Profile one configuration (``config=None``: the dense baseline); returns the profiler's report.
+
+    ``warmup``: first one unreported run of the same length (``report["warmup"]`` says so).
+    ``sample_every``: which decode tokens get per-step timing (:class:`Profiler`); ``"auto"``
+    keeps the profiler's own time within its budget.
+    """
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2 (one prefill token and at least one decode step), got {new_tokens}")
-    if warmup:
-        _run_once(workload, config, 2, None, path)
-    prof = Profiler(label=label, sync=sync, progress=new_tokens if progress else None)
+    warm = warm_up(workload, config, new_tokens, path) if warmup else {"runs": 0, "reported": False}
+    prof = Profiler(label=label, sync=sync, progress=new_tokens if progress else None, sample_every=sample_every)
     with prof:
         if config is None:
             prof.set_path("eager", baseline="transformers attention and DynamicCache, no memops step")
@@ -175,6 +191,7 @@ def profile_run(workload: Workload, config, new_tokens: int, *, label: str, sync
         else:
             _memops_generate(workload, config, new_tokens, prof, path)
     report = prof.report()
+    report["warmup"] = warm
     report["workload"] = {"model": workload.name, "context": workload.context, "batch": workload.batch,
                           "new_tokens": new_tokens, "device": str(workload.device),
                           "dtype": str(next(workload.model.parameters()).dtype).removeprefix("torch.")}
@@ -210,16 +227,26 @@ class _BareClock:
         return scores
 
 
-def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int = 3, path: str = "eager") -> dict:
+def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int = 5, path: str = "eager",
+                      sample_every: int | str = "auto", warmup: bool = True) -> dict:
     """Decode time per token of the same generate with and without the profiler, alternated.
 
     Decode only (first to last token boundary): the prefill's run-to-run noise stays out. The
-    unprofiled run has a bare clock at the same place as the profiler's token clock.
+    unprofiled run has a bare clock at the same place as the profiler's token clock. One
+    unreported run of each kind comes first (``warmup``); then ``repeats`` pairs, the order
+    within a pair alternating (plain first, then profiled first, ...) so that a drift of the
+    host's speed does not favour either. ``overhead_pct`` is the median over the pairs of
+    (profiled / plain - 1); ``spread_pct`` the smallest and largest pair; ``ratio_of_medians_pct``
+    the same from the medians of the two sides. Where the sampling leaves tokens untimed,
+    ``timed_vs_untimed_token_pct`` compares each run's timed tokens with its untimed ones: the
+    cost of timing one token, measured between neighbouring tokens (robust to a loaded host).
     """
     from torch_memops import hf
 
-    plain, profiled = [], []
-    for _ in range(repeats):
+    if repeats < 1:
+        raise ValueError(f"measured_overhead: repeats must be >= 1, got {repeats}")
+
+    def plain_run() -> float:
         clock = _BareClock(workload.device)
         if config is None:
             _generate(workload, new_tokens, [clock])
@@ -228,17 +255,50 @@ def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int 
                 _generate(workload, new_tokens, [clock], **({"cache_implementation": "static",
                                                               "compile_config": _compile_config()}
                                                              if path == "compiled" else {}))
-        plain.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
-        prof = Profiler(label="overhead", energy=False)
+        return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
+
+    def profiled_run():
+        prof = Profiler(label="overhead", sample_every=sample_every)  # as profile_run: energy read too
         with prof:
             _memops_generate(workload, config, new_tokens, prof, path) if config is not None else _generate(
                 workload, new_tokens, [prof.token_clock()])
-        decode = prof.report()["phases"]["decode"]
-        profiled.append(decode["time_s"] / decode["tokens"])
-    ratios = sorted(b / a for a, b in zip(plain, profiled))
+        report = prof.report()
+        decode = report["phases"]["decode"]
+        return decode["time_s"] / decode["tokens"], report
+
+    if warmup:
+        plain_run()
+        profiled_run()
+    plain, profiled, timed, in_run = [], [], [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            plain.append(plain_run())
+            seconds, report = profiled_run()
+        else:
+            seconds, report = profiled_run()
+            plain.append(plain_run())
+        profiled.append(seconds)
+        sampling = report["sampling"]
+        timed.append(sampling["timed_tokens"])
+        if sampling["timed_token_ms"] and sampling["untimed_token_ms"]:
+            in_run.append(100.0 * (sampling["timed_token_ms"] / sampling["untimed_token_ms"] - 1.0))
+    pairs = [100.0 * (b / a - 1.0) for a, b in zip(plain, profiled)]
     return {"plain_ms_per_token": [1e3 * v for v in plain], "profiled_ms_per_token": [1e3 * v for v in profiled],
-            "overhead_pct": 100.0 * (ratios[len(ratios) // 2] - 1.0), "repeats": repeats,
-            "how": "median over alternated pairs of (profiled / unprofiled decode time per token) - 1"}
+            "pair_overhead_pct": pairs, "overhead_pct": _median(pairs), "spread_pct": [min(pairs), max(pairs)],
+            "ratio_of_medians_pct": 100.0 * (_median(profiled) / _median(plain) - 1.0),
+            "repeats": repeats, "warmup_runs": 2 if warmup else 0,
+            "sampling": {"every": sample_every, "decode_tokens": new_tokens - 1, "timed_tokens": timed},
+            # Within each profiled run that left tokens untimed: its timed tokens against its untimed
+            # ones (neighbours, so the host's load cancels; the first decode token is among the timed).
+            "timed_vs_untimed_token_pct": in_run,
+            "how": "median over alternated pairs of (profiled / unprofiled decode time per token) - 1, after one "
+                   "unreported run of each"}
+
+
+def _median(values):
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 def summary_row(report: dict) -> dict:
@@ -304,9 +364,31 @@ def add_profile_arguments(sub) -> None:
                      help="synchronise the GPU around every step and time it on the host (exact attribution, "
                           "slower) instead of GPU events")
     sub.add_argument("--measure-overhead", action="store_true",
-                     help="also time the same generate without the profiler and report the difference")
+                     help="also time the same generate without the profiler (5 alternated pairs after a warm-up) "
+                          "and report the median difference and its spread")
+    sub.add_argument("--sample-every", type=sample_every_argument, default="auto", metavar="N|auto",
+                     help="per-step timing on every N-th decode token (1: every token); auto (default): as many "
+                          "tokens as keep the profiler's own time within 2.5 %% of decode time. Every token "
+                          "counts in the time per token; the step times are the timed tokens' means")
+    sub.add_argument("--no-warmup", action="store_true",
+                     help="skip the unreported warm-up run before each measured configuration")
     sub.add_argument("--png", type=Path, help="write stacked bars (dense vs memops) to this PNG (needs matplotlib)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def sample_every_argument(text: str) -> int | str:
+    """``--sample-every``: ``auto`` or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
+    return value
 
 
 def resolve_device(name: str) -> str:
@@ -334,26 +416,33 @@ def profile_command(args) -> dict:
                              args.num_layers)
     reports = []
     progress = not args.quiet
+    sample_every = getattr(args, "sample_every", "auto")
+    warmup = not getattr(args, "no_warmup", False)
     if not args.no_dense_baseline:
-        reports.append(profile_run(workload, None, args.new_tokens, label="dense", sync=args.sync, progress=progress))
+        reports.append(profile_run(workload, None, args.new_tokens, label="dense", sync=args.sync, progress=progress,
+                                   sample_every=sample_every, warmup=warmup))
     placed = ",".join(f"{s}={d}" for s, d in config.placement.items() if d != "auto") or "model device"
     reports.append(profile_run(workload, config, args.new_tokens, label=f"{config.method} ({placed})",
-                               sync=args.sync, path=args.path, progress=progress))
+                               sync=args.sync, path=args.path, progress=progress, sample_every=sample_every,
+                               warmup=warmup))
     for report in reports:
         profile.validate_report(report)
     result = {"command": "profile", "workload": reports[-1]["workload"],
               "summary": [summary_row(r) for r in reports], "reports": reports}
     if args.measure_overhead:
-        result["measured_overhead"] = measured_overhead(workload, config, args.new_tokens, path=args.path)
+        result["measured_overhead"] = measured_overhead(workload, config, args.new_tokens, path=args.path,
+                                                        sample_every=sample_every, warmup=warmup)
     print(f"{workload.name}, context {workload.context}, batch {workload.batch}, {args.new_tokens} new tokens, "
-          f"on {workload.device}")
+          f"on {workload.device}; "
+          + ("each configuration after one unreported warm-up run of the same length" if warmup else "no warm-up run"))
     print(profile.render_table(reports), end="")
     if "measured_overhead" in result:
         m = result["measured_overhead"]
         print(f"measured profiler overhead: {m['overhead_pct']:+.1f} % of decode time per token (median of "
-              f"{m['repeats']} alternated pairs; ms/token plain "
-              f"{', '.join(f'{v:.1f}' for v in m['plain_ms_per_token'])}, profiled "
-              f"{', '.join(f'{v:.1f}' for v in m['profiled_ms_per_token'])})")
+              f"{m['repeats']} alternated pairs, spread {m['spread_pct'][0]:+.1f} to {m['spread_pct'][1]:+.1f} %; "
+              f"ms/token plain {', '.join(f'{v:.1f}' for v in m['plain_ms_per_token'])}, profiled "
+              f"{', '.join(f'{v:.1f}' for v in m['profiled_ms_per_token'])}; sampling {m['sampling']['every']}, "
+              f"timed tokens {m['sampling']['timed_tokens']} of {m['sampling']['decode_tokens']})")
     if args.png is not None:
         try:
             profile.save_png(reports, args.png)
