@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(kThreads) select_topk_small_kernel(SelectParam
 constexpr int kSelectThreads = 512;
 
 // One block per (b, kv) row.
-__global__ void __launch_bounds__(kSelectThreads)
+static __global__ void __launch_bounds__(kSelectThreads)
     select_topk_kernel(SelectParams p, bool keys_in_shared) {
   extern __shared__ uint32_t shared_keys[];
   select_topk_row<kSelectThreads>(p, blockIdx.x, shared_keys, keys_in_shared);
