@@ -533,3 +533,35 @@ def test_sampling_does_not_recompile_the_compiled_decode():
     assert report["sampling"]["timed"] == [0, 2, 4]
     # A guard on the switch would recompile at the first flip: a second graph.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+
+
+def test_attaching_a_profiler_does_not_recompile_the_compiled_decode():
+    """A compiled decode made without a profiler is reused when one is attached, and again when
+    another one is (the warm-up of profile_run has none): the graph must not guard on which profiler
+    object the cache layers hold (it did: a recompile in the first profiled decode token)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(1))
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    outputs = []
+    with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE,
+                                                           dense_layers=1)) as session:
+        def run(prof=None):
+            processors = []
+            if prof is not None:
+                prof.attach(session)
+                processors.append(prof.token_clock())
+            outputs.append(model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                                          compile_config=compile_config, logits_processor=processors))
+
+        run()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            with Profiler(energy=False) as prof:
+                run(prof)
+            assert prof.report()["path"]["decode"] == "compiled"
+    assert graphs >= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, dict(torch._dynamo.utils.counters["stats"])
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
