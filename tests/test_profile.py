@@ -124,6 +124,25 @@ def test_measured_energy_is_apportioned_by_step_time():
         100.0 * energy["memory_processing_j"] / energy["total_j"], rel=1e-9)
 
 
+class CountingMeter(LinearMeter):
+    def __init__(self, device, watts):
+        super().__init__(device, watts)
+        self.reads = 0
+
+    def read(self):
+        self.reads += 1
+        return super().read()
+
+
+def test_energy_counters_are_read_per_phase_not_per_token():
+    """Three reads whatever the number of tokens (start, end of the prefill, end): a counter read is a
+    driver call (NVML) that every token of a host-bound decode would pay."""
+    meter = CountingMeter("cpu", watts=10.0)
+    prof, _ = profiled_generate(meters={"cpu": meter})
+    assert meter.reads == 3
+    assert prof.report()["phases"]["decode"]["tokens"] == NEW_TOKENS - 1 > 2
+
+
 def make_powercap(root, zones):
     for name, (label, value, top) in zones.items():
         zone = root / name

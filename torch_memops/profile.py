@@ -528,7 +528,10 @@ class Profiler:
             return
         self._sync_all()
         now = _now()
-        self._marks.append((now, self._read_energy()))
+        # Energy is read at the first boundary (the end of the prefill) and at the end of the run,
+        # not at every token: a counter read is a driver call (NVML) that a host-bound decode
+        # would pay in every token. The last boundary takes the end's reading (see __exit__).
+        self._marks.append((now, self._read_energy() if not self._marks else None))
         self._drain()
         self._advance()
         self._overhead_s += _now() - now  # the synchronisation is the token's own wait
@@ -584,6 +587,12 @@ class Profiler:
     def __exit__(self, *exc) -> bool:
         self._sync_all()
         self._end = (time.perf_counter(), self._read_energy())
+        if len(self._marks) > 1:
+            # The counters at the last boundary, interpolated between the first boundary and the
+            # end at the decode's mean power (the reads in between were left out on purpose).
+            (t0, e0), (t1, _), (t2, e2) = self._marks[0], self._marks[-1], self._end
+            share = (t1 - t0) / (t2 - t0) if t2 > t0 else 1.0
+            self._marks[-1] = (t1, {name: e0[name] + share * (e2[name] - e0[name]) for name in e2 if name in e0})
         self._running = self._timing = False
         self._drain()
         self._close_progress()
