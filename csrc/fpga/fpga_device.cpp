@@ -155,9 +155,15 @@ at::Tensor copy_from_fpga(const at::Tensor& self, const at::Tensor& dst, bool no
       // Through a CPU staging tensor: the views may overlap in one buffer object.
       write_from_cpu(dst, read_to_cpu(self).clone());
     }
+  } else if (is_fpga(dst)) {
+    // Another device (a GPU) -> fpga: through host memory, as the card's DMA would be fed.
+    write_from_cpu(dst, self.to(c10::kCPU));
+  } else if (is_fpga(self)) {
+    // fpga -> another device: read to host memory, then that device's own copy.
+    dst.copy_(read_to_cpu(self), non_blocking);
   } else {
-    TORCH_CHECK(false, "fpga: copies go between fpga and cpu only, got ", self.device(), " -> ",
-                dst.device(), "; move the tensor to the cpu first");
+    TORCH_CHECK(false, "fpga: a copy with neither end on the fpga reached its copy kernel: ", self.device(),
+                " -> ", dst.device());
   }
   return dst;
 }
