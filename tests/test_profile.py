@@ -531,15 +531,19 @@ def test_a_layer_hook_resolves_its_steps_again_in_a_new_run_and_after_a_new_plac
     assert set(prof.report()["per_device_s"]["decode"]) == {"meta"}
 
 
+def fresh_compiled_setup():
+    """A tiny model, a prompt and a CPU compile config, with dynamo's caches and counters reset."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    return tiny_llama(), torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(1)), compile_config
+
+
 def test_sampling_does_not_recompile_the_compiled_decode():
     """The timed/untimed switch flips between tokens: a captured graph must never guard on it
     (one graph), and the decode is still reported compiled."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model = tiny_llama()
-    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(1))
-    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager")
-    compile_config._compile_all_devices = True
+    model, ids, compile_config = fresh_compiled_setup()
     with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE,
                                                            dense_layers=1)) as session:
         with Profiler(energy=False, sample_every=2) as prof:
@@ -558,12 +562,7 @@ def test_attaching_a_profiler_does_not_recompile_the_compiled_decode():
     """A compiled decode made without a profiler is reused when one is attached, and again when
     another one is (the warm-up of profile_run has none): the graph must not guard on which profiler
     object the cache layers hold (it did: a recompile in the first profiled decode token)."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model = tiny_llama()
-    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(1))
-    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager")
-    compile_config._compile_all_devices = True
+    model, ids, compile_config = fresh_compiled_setup()
     outputs = []
     with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE,
                                                            dense_layers=1)) as session:

@@ -5,19 +5,25 @@ mapped into the GPU's address space at the same address, so a kernel can read it
 probe aliases pinned K/V as CUDA tensors (``__cuda_array_interface__``), runs ``sparse_apply`` on
 them and on GPU-resident copies, checks the outputs are bit-equal, times both (CUDA events,
 median of 20 after warm-up), a CUDA-graph replay, a decode write through the alias, and the
-zero-copy streaming read bandwidth next to the pinned H2D copy engine's. JSON to --out.
+zero-copy streaming read bandwidth next to the pinned H2D copy engine's (median device time,
+benchmarks/common.py). JSON to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+from pathlib import Path
+
+import sys
 from pathlib import Path
 
 import torch
 
 from torch_memops import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import median_ms  # noqa: E402
 
 TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
 
@@ -34,21 +40,6 @@ def mapped(host: torch.Tensor) -> torch.Tensor:
     assert host.is_pinned() and host.is_contiguous()
     alias = torch.as_tensor(_Interface(host), device="cuda")
     return alias.view(host.dtype)
-
-
-def timed(fn, repeats=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main():
@@ -75,11 +66,11 @@ def main():
         out_dev, _ = ops.sparse_apply(q, dev_k, dev_v, idx, P, seq_lens=lens)
         out_map, _ = ops.sparse_apply(q, map_k, map_v, idx, P, seq_lens=lens)
         nbytes = B * Hkv * k * P * D * 2 * 2
-        t_dev = timed(lambda: ops.sparse_apply(q, dev_k, dev_v, idx, P, seq_lens=lens))
-        t_map = timed(lambda: ops.sparse_apply(q, map_k, map_v, idx, P, seq_lens=lens))
+        t_dev = median_ms(lambda: ops.sparse_apply(q, dev_k, dev_v, idx, P, seq_lens=lens))
+        t_map = median_ms(lambda: ops.sparse_apply(q, map_k, map_v, idx, P, seq_lens=lens))
         # Batch 1: the latency case.
-        t_map1 = timed(lambda: ops.sparse_apply(q[:1], map_k[:1], map_v[:1], idx[:1], P, seq_lens=lens[:1]))
-        t_dev1 = timed(lambda: ops.sparse_apply(q[:1], dev_k[:1], dev_v[:1], idx[:1], P, seq_lens=lens[:1]))
+        t_map1 = median_ms(lambda: ops.sparse_apply(q[:1], map_k[:1], map_v[:1], idx[:1], P, seq_lens=lens[:1]))
+        t_dev1 = median_ms(lambda: ops.sparse_apply(q[:1], dev_k[:1], dev_v[:1], idx[:1], P, seq_lens=lens[:1]))
         cell = {"budget": budget, "bytes": nbytes, "equal": bool(torch.equal(out_dev, out_map)),
                 "device_us": t_dev * 1e3, "mapped_us": t_map * 1e3, "mapped_gbps": nbytes / t_map / 1e6,
                 "b1_device_us": t_dev1 * 1e3, "b1_mapped_us": t_map1 * 1e3, "b1_mapped_gbps": nbytes / B / t_map1 / 1e6}
@@ -112,8 +103,8 @@ def main():
     # Streaming read bandwidth: zero-copy kernel vs the copy engine.
     flat = map_k.view(-1)
     sink = torch.empty_like(dev_k).view(-1)
-    t_zc = timed(lambda: torch.add(flat, 0, out=sink), repeats=5)
-    t_ce = timed(lambda: sink.copy_(host_k.view(-1), non_blocking=True), repeats=5)
+    t_zc = median_ms(lambda: torch.add(flat, 0, out=sink))
+    t_ce = median_ms(lambda: sink.copy_(host_k.view(-1), non_blocking=True))
     result["zero_copy_stream_gbps"] = flat.numel() * 2 / t_zc / 1e6
     result["copy_engine_gbps"] = flat.numel() * 2 / t_ce / 1e6
     print(json.dumps(result, indent=1), flush=True)

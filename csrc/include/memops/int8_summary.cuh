@@ -143,19 +143,6 @@ __device__ __forceinline__ void lane_bounds(const float* q, const PageCodes<VEC,
   }
 }
 
-// Counts this block done on its row; the last block of the row selects the row's top-k (as
-// relevancy_tc::select_if_last_block, in portable code).
-__device__ __forceinline__ void select_if_last_block(const SelectParams& sp, int64_t row,
-                                                     int* done) {
-  __shared__ bool last_block;
-  __threadfence();  // this block's scores are visible device-wide before it counts itself done
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  select_topk_row_small<kThreads>(sp, row);
-}
 
 }  // namespace int8_detail
 
@@ -297,7 +284,7 @@ __global__ void __launch_bounds__(int8_detail::kThreads, VEC * CHUNKS <= 16 ? 2 
         if (active[i]) p.scores[row * p.pages + page[i]] = scale[i] * score[i];
     }
   }
-  if (done != nullptr) select_if_last_block(sp, row, done);
+  if (done != nullptr) select_if_last_block<kThreads>(sp, row, done);
 }
 
 template <typename T>

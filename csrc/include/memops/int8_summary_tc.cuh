@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(int8_tc::kThreads, 2)
     }
   }
 
-  if (done != nullptr) relevancy_tc::select_if_last_block(sp, row, done);
+  if (done != nullptr) select_if_last_block<relevancy_tc::kThreads>(sp, row, done);
 }
 
 // Scores (and, with `done`, selects) on tensor cores; the caller checked int8_tc_supported.

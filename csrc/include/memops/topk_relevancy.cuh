@@ -513,6 +513,20 @@ __device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
   select_small_row<kThreads, kSmallKeysPerThread>(p, row, valid, shared);
 }
 
+// For a scoring kernel that selects in its last block: counts this block done on its row
+// (``done``: per-row counters, zeroed before the launch); the row's last block selects its top-k.
+template <int kThreads>
+__device__ __forceinline__ void select_if_last_block(const SelectParams& sp, int64_t row, int* done) {
+  __shared__ bool last_block;
+  __threadfence();  // this block's scores are visible device-wide before it counts itself done
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  select_topk_row_small<kThreads>(sp, row);
+}
+
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) select_topk_small_kernel(SelectParams p) {
   select_topk_row_small<kThreads>(p, blockIdx.x);

@@ -37,18 +37,6 @@ __device__ float exact_head_score(const RelevancyParams& p, const T* q, const T*
   return score_dot(q, page, p.summary_stride[3], p.reps, p.dim);
 }
 
-// Counts this block done on its row; the last block of the row selects the row's top-k.
-__device__ __forceinline__ void select_if_last_block(const SelectParams& sp, int64_t row,
-                                                     int* done) {
-  __shared__ bool last_block;
-  __threadfence();  // this block's scores are visible device-wide before it counts itself done
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  select_topk_row_small<kThreads>(sp, row);
-}
 
 }  // namespace relevancy_tc
 
@@ -185,7 +173,7 @@ __global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
     }
   }
 
-  if (done != nullptr) select_if_last_block(sp, row, done);
+  if (done != nullptr) select_if_last_block<kThreads>(sp, row, done);
 }
 
 // DeepSeek's lightning indexer on tensor cores: score = sum_h w_h relu(q_h . key) over up to 64
@@ -278,7 +266,7 @@ __global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
       }
     }
   }
-  if (done != nullptr) select_if_last_block(sp, row, done);
+  if (done != nullptr) select_if_last_block<kThreads>(sp, row, done);
 }
 
 template <typename T, int D, int kReps, bool kBound>
