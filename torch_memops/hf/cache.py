@@ -130,7 +130,7 @@ class MemopsLayer:
             return key_states, value_states
         if new_tokens == 1:
             with self._step("decode", "prepare"):
-                storage.write_decode(key_states, value_states, self.uniform_rows, self._profile_or_none())
+                storage.write_decode(key_states, value_states, self.uniform_rows, self._active_profile())
             if getattr(storage, "offloaded", False):
                 # The host buffers as they are (the newest token lands at the decode step's one
                 # synchronisation); the decode path reads the storage, not these.
@@ -154,8 +154,8 @@ class MemopsLayer:
             return _NO_STEP
         return self.profile.step(phase, name, self.device_set)
 
-    def _profile_or_none(self):
-        """The attached profile, or the no-op one; never read while compiling (a graph would guard on
+    def _active_profile(self):
+        """The attached profile, or the no-op ``NO_PROFILE``; never read while compiling (a graph would guard on
         which profiler object is attached and recompile when another one is)."""
         if torch.compiler.is_compiling() or self.profile is None:
             return NO_PROFILE
@@ -233,7 +233,7 @@ class MemopsLayer:
     def decode_attention(self, query: Tensor, scale: float) -> Tensor:
         """Attention of one decode token ``query: [B, Hq, D]``; returns ``[B, Hq, D]`` on its device."""
         cfg, storage = self.config, self.storage
-        profile = self._profile_or_none()
+        profile = self._active_profile()
         memory_device, apply_device = self.memory_device, self.apply_device
         seq_lens = storage.lens_on(memory_device)
         if getattr(storage, "offloaded", False):
@@ -274,7 +274,7 @@ class MemopsLayer:
                                           seq_lens=seq_lens, scale=scale)
         else:
             out = retrieve_and_apply(query, keys, values, indices, cfg.page_size, seq_lens, scale, apply_device,
-                                     None if torch.compiler.is_compiling() else self.profile)
+                                     profile)
         profile.moved(out, query.device)
         return out.to(query.device)
 

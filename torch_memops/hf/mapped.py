@@ -85,11 +85,7 @@ class MappedLayerStorage(LayerStorage):
         buffer.copy_(tensor)
         return buffer
 
-    def write_prefill(self, key_states: Tensor, value_states: Tensor) -> None:
-        tokens = key_states.shape[2]
-        self.keys[:, :, :tokens].copy_(key_states)
-        self.values[:, :, :tokens].copy_(value_states)
-        self.set_lengths(torch.full((key_states.shape[0],), tokens, dtype=torch.int32))
-        # Dynamic: the summary from the prefill's keys where they already are (the GPU), not read
-        # back over PCIe. Static: from the buffer, so that every page past the prefill is reset too.
-        self.prepare(first_page=0, source=None if self.static else key_states)
+    def _prefill_summary_source(self, key_states: Tensor) -> Optional[Tensor]:
+        # Dynamic: the prefill's keys where they already are (the GPU), not read back over PCIe.
+        # Static: the buffer, so that every page past the prefill is reset too.
+        return None if self.static else key_states

@@ -152,19 +152,16 @@ class LayerStorage:
         pages = ceil_div(capacity, self.page_size)
         used_pages = ceil_div(self.max_len, self.page_size)
 
-        def grown(tensor: Optional[Tensor], size: int, used: int) -> Optional[Tensor]:
+        def grown(tensor: Optional[Tensor], size: int, used: int, kv: bool = False) -> Optional[Tensor]:
             if tensor is None:
                 return None
-            new = tensor.new_empty((*tensor.shape[:2], size, *tensor.shape[3:]))
+            shape = (*tensor.shape[:2], size, *tensor.shape[3:])
+            new = self._new_kv(shape, tensor.dtype, zero=False) if kv else tensor.new_empty(shape)
             new[:, :, :used].copy_(tensor[:, :, :used])
             return new
 
-        def grown_kv(tensor: Tensor) -> Tensor:
-            new = self._new_kv((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype, zero=False)
-            new[:, :, :self.max_len].copy_(tensor[:, :, :self.max_len])
-            return new
-
-        self.keys, self.values = grown_kv(self.keys), grown_kv(self.values)
+        self.keys = grown(self.keys, capacity, self.max_len, kv=True)
+        self.values = grown(self.values, capacity, self.max_len, kv=True)
         self.prepare_keys = grown(self.prepare_keys, capacity, self.max_len)
         self.summary = grown(self.summary, pages, used_pages)
         self.relevancy_summary = grown(self.relevancy_summary, pages, used_pages)
@@ -182,7 +179,11 @@ class LayerStorage:
         for buf, states in self._key_targets(key_states, value_states):
             buf[:, :, :tokens].copy_(states)
         self.set_lengths(torch.full((key_states.shape[0],), tokens, dtype=torch.int32))
-        self.prepare(first_page=0)
+        self.prepare(first_page=0, source=self._prefill_summary_source(key_states))
+
+    def _prefill_summary_source(self, key_states: Tensor) -> Optional[Tensor]:
+        """The keys the prefill's summary is computed from; ``None``: the layer's own buffer."""
+        return None
 
     def write_chunk(self, key_states: Tensor, value_states: Tensor, start: int) -> None:
         """Append a multi-token chunk at ``start`` in every row (rows of equal length only)."""
