@@ -100,9 +100,7 @@ def _text_config(model):
 
 def is_adaptive(method: str) -> bool:
     """Whether ``method`` selects a varying number of pages (``budget_pages`` is its maximum)."""
-    from torch_memops.hf import methods
-
-    return bool(getattr(methods.get_method(method), "adaptive_budget", False))
+    return bool(getattr(_method(method), "adaptive_budget", False))
 
 
 def _method(method: str):
@@ -113,9 +111,7 @@ def _method(method: str):
 
 def _method_traits(method: str) -> Tuple[int, bool, bool]:
     """``(summary representatives per page, per-query-head selection, dense key scoring)``."""
-    from torch_memops.hf import methods
-
-    entry = methods.get_method(method)
+    entry = _method(method)
     return entry.representatives, bool(getattr(entry, "per_query_head", False)), bool(getattr(entry, "scores_dense_keys", False))
 
 

@@ -42,17 +42,24 @@ def attention_page_mass(inputs: SelectionInputs) -> Tensor:
     Dense scores of the decode query against every valid key (what full attention computes);
     tokens at or past ``seq_lens[b]`` get no mass. A row without valid tokens has mass 0.
     """
-    query, keys = inputs.query, inputs.keys
+    keys = inputs.keys
+    valid = torch.arange(keys.shape[2], device=keys.device)[None, :] < inputs.seq_lens.to(keys.device, torch.long)[:, None]
+    return softmax_page_mass(inputs.query, keys, valid[:, None, None, :], inputs.scale, inputs.page_size)
+
+
+def softmax_page_mass(query: Tensor, keys: Tensor, valid: Tensor, scale: float, page_size: int) -> Tensor:
+    """``float32 [B, Hq, ceil(T / P)]``: each query head's softmax over the ``valid`` tokens of
+    ``keys [B, Hkv, T, D]`` (``valid``: bool, broadcastable to ``[B, Hkv, 1, T]``), summed per run of
+    ``page_size`` tokens. A head with no valid token has mass 0."""
     batch, query_heads, dim = query.shape
     kv_heads, tokens = keys.shape[1], keys.shape[2]
     group = query_heads // kv_heads
     logits = torch.einsum("bkgd,bksd->bkgs", query.float().view(batch, kv_heads, group, dim), keys.float())
-    valid = torch.arange(tokens, device=keys.device)[None, :] < inputs.seq_lens.to(keys.device, torch.long)[:, None]
-    logits = (logits * inputs.scale).masked_fill(~valid[:, None, None, :], float("-inf"))
+    logits = (logits * scale).masked_fill(~valid, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    pages = page_count(inputs)
-    padded = torch.nn.functional.pad(probs, (0, pages * inputs.page_size - tokens))
-    return padded.view(batch, kv_heads, group, pages, inputs.page_size).sum(-1).view(batch, query_heads, pages)
+    pages = -(-tokens // page_size)
+    padded = torch.nn.functional.pad(probs, (0, pages * page_size - tokens))
+    return padded.view(batch, kv_heads, group, pages, page_size).sum(-1).view(batch, query_heads, pages)
 
 
 def group_reduce(per_head: Tensor, kv_heads: int, how: str) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch_memops import ops
 
 from .base import Method, SelectionInputs
-from .by_score import group_reduce, page_count, select_by_scores
+from .by_score import group_reduce, page_count, select_by_scores, softmax_page_mass
 
 
 class QuestRerank(Method):
@@ -38,19 +38,14 @@ class QuestRerank(Method):
                                      num_pages=inputs.num_pages, sink_pages=cfg.sink_pages,
                                      recent_pages=cfg.recent_pages, group_reduce=cfg.group_reduce)
         keys, _ = ops.gather_retrieve(inputs.keys, cand, page, seq_lens=inputs.seq_lens)  # [B, Hkv, c*P, D]
-        batch, query_heads, dim = inputs.query.shape
-        kv_heads = keys.shape[1]
-        group = query_heads // kv_heads
-        logits = torch.einsum("bkgd,bksd->bkgs", inputs.query.float().view(batch, kv_heads, group, dim),
-                              keys.float()) * inputs.scale
+        batch, kv_heads = cand.shape[:2]
         # Token t of candidate slot j is position cand[j] * P + t; padding (-1) and positions past the
         # row's length carry no mass.
         slot = cand.to(torch.long)
         positions = slot[..., None] * page + torch.arange(page, device=slot.device)
         lens = inputs.seq_lens.to(device=slot.device, dtype=torch.long)[:, None, None, None]
         valid = ((slot[..., None] >= 0) & (positions < lens)).view(batch, kv_heads, 1, -1)
-        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-        mass = probs.view(batch, kv_heads, group, candidates, page).sum(-1).view(batch, query_heads, candidates)
+        mass = softmax_page_mass(inputs.query, keys, valid, inputs.scale, page)  # [B, Hq, c]
         mass = group_reduce(mass, kv_heads, cfg.group_reduce)  # [B, Hkv, c]
         # Back to page numbers: non-candidates score -1 (below any mass), then the budget's top.
         scores = mass.new_full((batch, kv_heads, pages + 1), -1.0)
