@@ -482,15 +482,8 @@ def calibrate(shape: DecodeShape, devices: Sequence[str], model_device: str, rep
         t["lens_step"] = lens_h.clone().to(target)
         on[dev] = t
         keys, lens = t["keys"][:, :, :shape.context], t["lens"]
-        first = (shape.context - 1) // p
-        # The token's keys and values written, and the device's lengths advanced (as the pipeline does).
-        table.ops[("write_token", dev)] = _time(
-            lambda: (t["keys"][:, :, shape.context:shape.context + 1].copy_(t["token"]),
-                     t["values"][:, :, shape.context:shape.context + 1].copy_(t["token"]),
-                     t["lens_step"].add_(1)), kinds, repeats)
-        table.ops[("prepare", dev)] = _time(
-            lambda: ops.prepare_memory_(t["summary"], keys, p, first, mode=shape.summary_mode, seq_lens=lens),
-            kinds, repeats)
+        can_apply = dev.split(":")[0] != "fpga"
+        _time_memory_ops(table, dev, t, shape, kinds, repeats, apply=can_apply)
         # As in the pipeline: the page counts come from the device's lengths at every step.
         table.ops[("relevancy", dev)] = _time(
             lambda: ops.topk_relevancy(t["query"], t["summary"], k, mode=shape.relevancy_mode,
@@ -500,13 +493,10 @@ def calibrate(shape: DecodeShape, devices: Sequence[str], model_device: str, rep
             lambda: (ops.gather_retrieve(keys, t["indices"], p, seq_lens=lens),
                      ops.gather_retrieve(t["values"][:, :, :shape.context], t["indices"], p, seq_lens=lens)),
             kinds, repeats)
-        if dev.split(":")[0] != "fpga":
+        if can_apply:
             gathered_k, gathered_lens = ops.gather_retrieve(keys, t["indices"], p, seq_lens=lens)
             gathered_v, _ = ops.gather_retrieve(t["values"][:, :, :shape.context], t["indices"], p, seq_lens=lens)
             row_lens = gathered_lens[:, 0].contiguous()
-            table.ops[("apply_sparse", dev)] = _time(
-                lambda: ops.sparse_apply(t["query"], keys, t["values"][:, :, :shape.context], t["indices"], p,
-                                         seq_lens=lens), kinds, repeats)
             table.ops[("apply_gathered", dev)] = _time(
                 lambda: ops.sparse_apply(t["query"], gathered_k, gathered_v, None, p, seq_lens=row_lens),
                 kinds, repeats)
@@ -531,29 +521,37 @@ def calibrate(shape: DecodeShape, devices: Sequence[str], model_device: str, rep
     return table
 
 
+def _time_memory_ops(table: CostTable, where: str, t: dict, shape: DecodeShape, kinds, repeats: int,
+                     apply: bool = True) -> None:
+    """The ops that touch the keys and values where they live (``t["keys"]``, ``t["values"]``), timed
+    into ``table.ops[(op, where)]``: the decode write, Prepare of the newest page, in-place Apply."""
+    from torch_memops import ops
+
+    p, context = shape.page_size, shape.context
+    keys, values, lens = t["keys"][:, :, :context], t["values"][:, :, :context], t["lens"]
+    first = (context - 1) // p
+    # The token's keys and values written, and the device's lengths advanced (as the pipeline does).
+    table.ops[("write_token", where)] = _time(
+        lambda: (t["keys"][:, :, context:context + 1].copy_(t["token"]),
+                 t["values"][:, :, context:context + 1].copy_(t["token"]),
+                 t["lens_step"].add_(1)), kinds, repeats)
+    table.ops[("prepare", where)] = _time(
+        lambda: ops.prepare_memory_(t["summary"], keys, p, first, mode=shape.summary_mode, seq_lens=lens),
+        kinds, repeats)
+    if apply:
+        table.ops[("apply_sparse", where)] = _time(
+            lambda: ops.sparse_apply(t["query"], keys, values, t["indices"], p, seq_lens=lens), kinds, repeats)
+
+
 def _calibrate_host_memory(table: CostTable, shape: DecodeShape, keys_h, values_h, gpu: dict, kinds,
                            repeats: int) -> None:
     """The GPU's ops on pinned host memory that it reads in place (the ``host`` memory location)."""
-    from torch_memops import ops
     from torch_memops.hf.mapped import device_alias
 
-    p = shape.page_size
     device = gpu["keys"].device
-    keys = device_alias(keys_h.pin_memory(), device)
-    values = device_alias(values_h.pin_memory(), device)
-    lens = gpu["lens"]
-    first = (shape.context - 1) // p
-    live_keys, live_values = keys[:, :, :shape.context], values[:, :, :shape.context]
-    table.ops[("write_token", HOST_MEMORY)] = _time(
-        lambda: (keys[:, :, shape.context:shape.context + 1].copy_(gpu["token"]),
-                 values[:, :, shape.context:shape.context + 1].copy_(gpu["token"]),
-                 gpu["lens_step"].add_(1)), kinds, repeats)
-    table.ops[("prepare", HOST_MEMORY)] = _time(
-        lambda: ops.prepare_memory_(gpu["summary"], live_keys, p, first, mode=shape.summary_mode, seq_lens=lens),
-        kinds, repeats)
-    table.ops[("apply_sparse", HOST_MEMORY)] = _time(
-        lambda: ops.sparse_apply(gpu["query"], live_keys, live_values, gpu["indices"], p, seq_lens=lens),
-        kinds, repeats)
+    mapped = {**gpu, "keys": device_alias(keys_h.pin_memory(), device),
+              "values": device_alias(values_h.pin_memory(), device)}
+    _time_memory_ops(table, HOST_MEMORY, mapped, shape, kinds, repeats)
     table.sources[HOST_MEMORY] = f"measured: {device} reading pinned host memory in place"
 
 
