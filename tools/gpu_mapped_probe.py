@@ -2,44 +2,28 @@
 
 On a 64-bit CUDA system page-locked memory from cudaHostAlloc (what ``pin_memory=True`` gives) is
 mapped into the GPU's address space at the same address, so a kernel can read it over PCIe. This
-probe aliases pinned K/V as CUDA tensors (``__cuda_array_interface__``), runs ``sparse_apply`` on
-them and on GPU-resident copies, checks the outputs are bit-equal, times both (CUDA events,
-median of 20 after warm-up), a CUDA-graph replay, a decode write through the alias, and the
-zero-copy streaming read bandwidth next to the pinned H2D copy engine's (median device time,
-benchmarks/common.py). JSON to --out.
+probe aliases pinned K/V as CUDA tensors (``torch_memops.hf.mapped.device_alias``), runs
+``sparse_apply`` on them and on GPU-resident copies, checks the outputs are bit-equal and times
+both (median device time, benchmarks/common.py), checks a CUDA-graph replay and a decode write
+through the alias, and measures the zero-copy streaming read bandwidth next to the pinned H2D
+copy engine's. JSON to --out. On the GPU machine, after ``STAGES=build bash tools/gpu_bench.sh``:
+``cd /tmp/memops-src && PYTHONPATH=$PWD python3 tools/gpu_mapped_probe.py --out $OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 import sys
 from pathlib import Path
 
 import torch
 
 from torch_memops import ops
+from torch_memops.hf.mapped import device_alias
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import median_ms  # noqa: E402
-
-TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
-
-
-class _Interface:
-    def __init__(self, host: torch.Tensor):
-        self.host = host  # keeps the pinned buffer alive as long as the alias
-        self.__cuda_array_interface__ = {"version": 3, "shape": tuple(host.shape),
-                                         "typestr": TYPESTR[host.element_size()], "strides": None,
-                                         "data": (host.data_ptr(), False)}
-
-
-def mapped(host: torch.Tensor) -> torch.Tensor:
-    assert host.is_pinned() and host.is_contiguous()
-    alias = torch.as_tensor(_Interface(host), device="cuda")
-    return alias.view(host.dtype)
 
 
 def main():
@@ -51,7 +35,7 @@ def main():
     B, Hkv, Hq, S, D, P = 4, 8, 32, 32768, 128, 16
     host_k = torch.randn(B, Hkv, S, D).to(torch.bfloat16).pin_memory()
     host_v = torch.randn(B, Hkv, S, D).to(torch.bfloat16).pin_memory()
-    map_k, map_v = mapped(host_k), mapped(host_v)
+    map_k, map_v = device_alias(host_k, torch.device("cuda")), device_alias(host_v, torch.device("cuda"))
     result["alias_ptr_equal"] = map_k.data_ptr() == host_k.data_ptr()
     dev_k, dev_v = host_k.cuda(), host_v.cuda()
     result["alias_reads_equal"] = bool(torch.equal(map_k[0, 0, :64], dev_k[0, 0, :64]))
