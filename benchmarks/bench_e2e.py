@@ -69,6 +69,7 @@ from common import (RESULTS_DIR, cpu_info, cpu_peak_gbps, device_info,  # noqa: 
                     measured_peak_gbps)
 
 from torch_memops import hf  # noqa: E402
+from torch_memops.workload import fill_random, random_layers, reset_compiled  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072 + 4096)
@@ -186,32 +187,6 @@ def free(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def reset_compiled(model):
-    """Forget every compiled graph and the cache transformers keeps, as a new process would."""
-    torch._dynamo.reset()
-    for attr in ("_compiled_call", "_last_compile_config", "_cache", "_previous_max_cache_length"):
-        if attr in model.__dict__:
-            delattr(model, attr)
-
-
-def random_layers(model, batch: int, context: int, dtype, device):
-    """Random prompt keys/values, one layer's ``(keys, values)`` at a time (a generator, so that
-    only one layer's worth exists beside the cache)."""
-    config = model.config
-    shape = (batch, config.num_key_value_heads, context, config.head_dim)
-    generator = torch.Generator(device=device).manual_seed(1)
-    for _ in range(config.num_hidden_layers):
-        yield (torch.randn(shape, dtype=dtype, device=device, generator=generator),
-               torch.randn(shape, dtype=dtype, device=device, generator=generator))
-
-
-def fill_random(cache, model, batch: int, context: int, dtype, device):
-    """Write random prompt keys/values into every layer of a transformers cache."""
-    for index, (keys, values) in enumerate(random_layers(model, batch, context, dtype, device)):
-        cache.update(keys, values, index)
-    return cache
 
 
 def rewind(cache, length: int) -> None:

@@ -52,10 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
 from bench_e2e import (LLAMA3_8B, TINY, Cell, RowSpec, Runner, build_model, environment,  # noqa: E402
-                       fill_random, free, kv_bytes_dense, kv_bytes_sparse, parse_cells, weight_bytes)
+                       free, kv_bytes_dense, kv_bytes_sparse, parse_cells, weight_bytes)
 from common import RESULTS_DIR  # noqa: E402
 
 from torch_memops import hf  # noqa: E402
+from torch_memops.workload import fill_random  # noqa: E402
 
 GIB = 2**30
 

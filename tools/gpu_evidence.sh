@@ -5,14 +5,15 @@
 # cell (ENERGY_CELL, batch x context) with the pipeline compiled and no planner. Everything ends
 # up in $OUT/evidence.tar.gz (the device tool brings back a few files per call).
 #   BUDGET_S=560  STEPS="tests int8 b1 energy"  TESTS="tests/test_offload_mapped.py ..."  CONTEXTS=8192,32768,131072
-#   ENERGY_CELL=4x65536  ENERGY_S=220 (4 x 128K: its eager prefill of 512K tokens needs about 60 GB of MLP
-#   temporaries beside 64 GB of KV and 16 GB of weights, and 2-3 minutes per run) (seconds kept for the energy cell)
+#   ENERGY_CELL=4x131072  ENERGY_S=300 (seconds kept for the energy cell: dense eager, dense compiled
+#   (StaticCache) and the pipeline compiled, each from a random-KV prefix: --prefill random, since the eager
+#   prefill of 4 x 128K needs about 60 GB of MLP temporaries beside 64 GB of KV and 16 GB of weights)
 set -uo pipefail
 OUT="${OUT:-/tmp/memops-gpu-out}"; mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 BUDGET_S="${BUDGET_S:-560}"
-ENERGY_S="${ENERGY_S:-220}"
+ENERGY_S="${ENERGY_S:-300}"
 STEPS=" ${STEPS:-tests int8 b1 energy} "
-ENERGY_CELL="${ENERGY_CELL:-4x65536}"
+ENERGY_CELL="${ENERGY_CELL:-4x131072}"
 TREE=$PWD
 SRC=/tmp/memops-src
 start=$(date +%s)
@@ -37,7 +38,7 @@ batch=${ENERGY_CELL%x*}; context=${ENERGY_CELL#*x}
 budget=$(( $(left) - 10 ))
 if [[ "$STEPS" == *" energy "* && "$budget" -gt 90 ]]; then
   OUT="$OUT/profile_energy" BUDGET_S=$budget CONTEXTS=$context BATCHES=$batch NEW_TOKENS=16 \
-    PROFILE_ARGS="--path compiled --no-plan --overhead-repeats 0" bash tools/gpu_profile.sh | tail -12
+    PROFILE_ARGS="--path compiled --no-plan --overhead-repeats 0 --prefill random --dense-paths eager,compiled" bash tools/gpu_profile.sh | tail -14
 fi
 echo "total $(( $(date +%s) - start )) s"
 # One archive: the device tool brings back only a few files per call.

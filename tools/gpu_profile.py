@@ -41,6 +41,43 @@ def _ms(values) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
+def spin_up(device, seconds: float = 3.0) -> None:
+    """Keep the GPU busy for a few seconds before the first measured configuration, so that it does
+    not pay the clocks' ramp from idle (the first run of an earlier session, dense at 8K, was the
+    slowest dense row even after its own warm-up)."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+
+
+def ratio_lines(rows: list) -> list:
+    """Per cell: the cheapest dense row (time and energy per decode token, each its own best) over
+    the pipeline's row."""
+    lines = []
+    for key in dict.fromkeys((r["context"], r["batch"]) for r in rows):
+        cell = [r for r in rows if (r["context"], r["batch"]) == key]
+        dense = [r for r in cell if r["label"].startswith("dense")]
+        ours = [r for r in cell if not r["label"].startswith("dense")]
+        if not dense or not ours:
+            continue
+        quest = ours[-1]
+        time_best = min(dense, key=lambda r: r["decode_ms_per_token"]["total"])
+        text = (f"{_tokens(key[0])} x{key[1]}: best dense {time_best['decode_ms_per_token']['total']:.2f} ms/token "
+                f"({time_best['path']}) / quest {quest['decode_ms_per_token']['total']:.2f} ms/token "
+                f"({quest['path']}) = {time_best['decode_ms_per_token']['total'] / quest['decode_ms_per_token']['total']:.2f}x")
+        energies = [r for r in dense if r["energy_j_per_decode_token"]]
+        if energies and quest["energy_j_per_decode_token"]:
+            energy_best = min(energies, key=lambda r: r["energy_j_per_decode_token"])
+            text += (f"; energy: best dense {energy_best['energy_j_per_decode_token']:.3f} J/token "
+                     f"({energy_best['path']}) / quest {quest['energy_j_per_decode_token']:.3f} J/token = "
+                     f"{energy_best['energy_j_per_decode_token'] / quest['energy_j_per_decode_token']:.2f}x less")
+        lines.append(text)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -53,6 +90,12 @@ def main() -> None:
                         "the ones the issue names (all on the GPU; KV on the CPU + GPU apply; FPGA + GPU apply)")
     parser.add_argument("--path", choices=("eager", "compiled"), default="eager",
                         help="the pipeline's generate(): eager dynamic cache, or the static cache auto-compiled")
+    parser.add_argument("--dense-paths", default="eager",
+                        help="the dense baseline's paths, e.g. eager,compiled (compiled: transformers' StaticCache "
+                             "auto-compiled; the cheaper of the two is the baseline to beat)")
+    parser.add_argument("--prefill", choices=workload.PREFILLS, default="real",
+                        help="random: the cache starts with random keys/values (no prefill; for cells whose eager "
+                             "prefill does not fit, e.g. 4 x 128K)")
     parser.add_argument("--no-plan", action="store_true")
     parser.add_argument("--model", default="llama-8b-random")
     parser.add_argument("--device", default="cuda")
@@ -71,6 +114,8 @@ def main() -> None:
     dtype = next(work.model.parameters()).dtype
     print(f"model: {work.name}, loaded in {time.time() - t0:.1f} s; every configuration below is measured after "
           f"one unreported warm-up run of the same length", flush=True)
+    if dev == "cuda":
+        spin_up(work.device)
     config = hf.MemopsConfig(method="quest", page_size=16, token_budget=args.budget, dense_layers=2)
     config = dataclasses.replace(config, token_budget=min(args.budget, max(contexts[0] // 2, 64)))
     rows, reports, overhead_lines = [], [], []
@@ -81,12 +126,13 @@ def main() -> None:
                 continue
             ids = torch.randint(0, work.model.config.vocab_size, (1, context),
                                 generator=torch.Generator().manual_seed(0)).expand(batch, -1).contiguous().to(dev)
-            cell = workload.Workload(work.model, ids, work.name, work.device)
+            cell = workload.Workload(work.model, ids, work.name, work.device, args.prefill)
             pair = []
-            for label, cfg in (("dense", None), ("quest", config)):
+            runs = [("dense" + ("" if path == "eager" else f" {path}"), None, path)
+                    for path in args.dense_paths.split(",")] + [("quest", config, args.path)]
+            for label, cfg, path in runs:
                 report = workload.profile_run(cell, cfg, args.new_tokens, label=f"{label} {_tokens(context)} x{batch}",
-                                              path="eager" if cfg is None else args.path,
-                                              sample_every=args.sample_every)
+                                              path=path, sample_every=args.sample_every)
                 pair.append(report)
                 row = workload.summary_row(report)
                 row.update(context=context, batch=batch, timed=_timed(report), warmup=report["warmup"]["runs"])
@@ -175,6 +221,7 @@ def main() -> None:
                      f"{t['prepare']:.2f} | {t['relevancy']:.2f} | {t['retrieval']:.2f} | {t['apply']:.2f} | "
                      f"{t['rest_of_model']:.2f} | {row['memory_processing_pct_time']:.1f} | "
                      f"{'-' if energy is None else f'{energy:.3f}'} |")
+    lines.extend(ratio_lines(rows))
     lines.extend(overhead_lines)
     if plan_result is not None:
         lines.append("")

@@ -755,7 +755,7 @@ def plan_command(args) -> dict:
     config = wl.memops_config(args, {})
     dtype = getattr(torch, args.dtype) if args.dtype else None
     work = wl.load_workload(args.model, args.context, args.batch, wl.resolve_device(args.device), dtype,
-                            args.num_layers)
+                            args.num_layers, args.prefill)
     model_dtype = next(work.model.parameters()).dtype
     model_device = work.device.type
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] or present_devices()

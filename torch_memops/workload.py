@@ -44,12 +44,26 @@ def parse_placement(text: Optional[str]) -> Dict[str, str]:
     return placement
 
 
+#: How a workload's prompt gets into the cache.
+PREFILLS = ("real", "random")
+
+
 @dataclasses.dataclass
 class Workload:
+    """``prefill="real"``: generate() runs the prompt. ``"random"``: the keys and values of all but
+    the last prompt token are random, written into the cache before generate(), which runs only
+    the last token as its first forward: the decode of a context whose eager prefill would not fit
+    (4 x 128K on the 8B shapes needs ~60 GB of MLP temporaries), at the same cost per decode token
+    (the tokens are meaningless: for speed and energy only)."""
     model: torch.nn.Module
     input_ids: torch.Tensor
     name: str
     device: torch.device
+    prefill: str = "real"
+
+    def __post_init__(self):
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
 
     @property
     def context(self) -> int:
@@ -74,7 +88,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_workload(model: str, context: int, batch: int, device: str, dtype: Optional[torch.dtype] = None,
-                  num_layers: Optional[int] = None) -> Workload:
+                  num_layers: Optional[int] = None, prefill: str = "real") -> Workload:
     """Load ``model`` (``"smollm2"``, ``"llama-8b-random"`` or a local folder) and build its prompt.
 
     SmolLM2 and local models with a tokenizer read the licence texts of ``/usr/share/common-licenses``
@@ -119,7 +133,59 @@ def load_workload(model: str, context: int, batch: int, device: str, dtype: Opti
             vocab = net.config.get_text_config().vocab_size
             ids = torch.randint(0, vocab, (1, context), generator=generator)
         name = Path(model).name
-    return Workload(net, ids.expand(batch, -1).contiguous().to(target), name, target)
+    return Workload(net, ids.expand(batch, -1).contiguous().to(target), name, target, prefill)
+
+
+def random_layers(model, batch: int, context: int, dtype, device):
+    """Random prompt keys/values, one layer's ``(keys, values)`` at a time (a generator, so that
+    only one layer's worth exists beside the cache)."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (batch, config.num_key_value_heads, context, head_dim)
+    generator = torch.Generator(device=device).manual_seed(1)
+    for _ in range(config.num_hidden_layers):
+        yield (torch.randn(shape, dtype=dtype, device=device, generator=generator),
+               torch.randn(shape, dtype=dtype, device=device, generator=generator))
+
+
+def fill_random(cache, model, batch: int, context: int, dtype, device):
+    """Write random prompt keys/values into every layer of a transformers cache."""
+    for index, (keys, values) in enumerate(random_layers(model, batch, context, dtype, device)):
+        cache.update(keys, values, index)
+    return cache
+
+
+def reset_compiled(model) -> None:
+    """Forget every compiled graph and the cache transformers keeps, as a new process would."""
+    torch._dynamo.reset()
+    for attr in ("_compiled_call", "_last_compile_config", "_cache", "_previous_max_cache_length"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def _cache_kwargs(workload: Workload, new_tokens: int, path: str, session=None) -> dict:
+    """generate() arguments for the cache of one run: the dense model's (``session=None``) or the
+    session's, dynamic (eager) or static and auto-compiled (``path="compiled"``), empty or holding
+    the random prefix of ``prefill="random"``."""
+    compiled = {"compile_config": _compile_config()} if path == "compiled" else {}
+    if workload.prefill == "real":
+        return {"cache_implementation": "static", **compiled} if compiled else {}
+    from torch_memops import hf
+
+    model = workload.model
+    dtype = next(model.parameters()).dtype
+    prefix = workload.context - 1
+    max_cache_len = workload.context + new_tokens if compiled else None
+    if session is not None:
+        cache = session.new_cache(random_layers(model, workload.batch, prefix, dtype, workload.device),
+                                  max_cache_len=max_cache_len)
+    else:
+        from transformers import DynamicCache, StaticCache
+
+        cache = (StaticCache(config=model.config, max_cache_len=max_cache_len) if compiled
+                 else DynamicCache(config=model.config))
+        fill_random(cache, model, workload.batch, prefix, dtype, workload.device)
+    return {hf.cache_argument(model): cache, **compiled}
 
 
 def _generate(workload: Workload, new_tokens: int, processors=(), **kwargs):
@@ -132,24 +198,41 @@ def _generate(workload: Workload, new_tokens: int, processors=(), **kwargs):
                                        logits_processor=LogitsProcessorList(list(processors)), **kwargs)
 
 
-def _memops_generate(workload: Workload, config, new_tokens: int, prof: Optional[Profiler], path: str):
+def _memops_generate(workload: Workload, config, new_tokens: int, prof: Optional[Profiler], path: str,
+                     processors=()):
     """generate() inside ``hf.enable``; the profiler is attached to every cache the session makes."""
     from torch_memops import hf
 
     with hf.enable(workload.model, config) as session:
-        processors = []
+        processors = list(processors)
         if prof is not None:
             prof.attach(session)
             processors.append(prof.token_clock())
+        out = _generate(workload, new_tokens, processors, **_cache_kwargs(workload, new_tokens, path, session))
+        if prof is not None and path == "compiled":
+            _declare_compiled(prof, workload.model)
+        return out
+
+
+def _dense_generate(workload: Workload, new_tokens: int, prof: Optional[Profiler], path: str, processors=()):
+    """The dense baseline: transformers' attention and cache, eager (dynamic cache) or compiled
+    (static cache, auto-compiled decode)."""
+    processors = list(processors) + ([prof.token_clock()] if prof is not None else [])
+    out = _generate(workload, new_tokens, processors, **_cache_kwargs(workload, new_tokens, path))
+    if prof is not None:
         if path == "compiled":
-            out = _generate(workload, new_tokens, processors, cache_implementation="static",
-                            compile_config=_compile_config())
-            if prof is not None:
-                # generate() keeps its compiled forward on the model when it took the compiled path.
-                prof.set_path("compiled" if hasattr(workload.model, "_compiled_call") else "eager",
-                              requested="compiled", forward_compiled=hasattr(workload.model, "_compiled_call"))
-            return out
-        return _generate(workload, new_tokens, processors)
+            _declare_compiled(prof, workload.model, baseline="transformers attention and StaticCache, "
+                                                              "no memops step")
+        else:
+            prof.set_path("eager", baseline="transformers attention and DynamicCache, no memops step")
+    return out
+
+
+def _declare_compiled(prof: Profiler, model, **evidence) -> None:
+    # generate() keeps its compiled forward on the model when it took the compiled path (the
+    # compiled runs start from reset_compiled, so an earlier configuration's forward is not it).
+    taken = hasattr(model, "_compiled_call")
+    prof.set_path("compiled" if taken else "eager", requested="compiled", forward_compiled=taken, **evidence)
 
 
 def _compile_config():
@@ -182,18 +265,16 @@ def profile_run(workload: Workload, config, new_tokens: int, *, label: str, sync
     """
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2 (one prefill token and at least one decode step), got {new_tokens}")
+    if path == "compiled":
+        reset_compiled(workload.model)  # this configuration's graphs only (and no recompile limit)
     warm = warm_up(workload, config, new_tokens, path) if warmup else {"runs": 0, "reported": False}
     prof = Profiler(label=label, sync=sync, progress=new_tokens if progress else None, sample_every=sample_every)
     with prof:
-        if config is None:
-            prof.set_path("eager", baseline="transformers attention and DynamicCache, no memops step")
-            _generate(workload, new_tokens, [prof.token_clock()])
-        else:
-            _memops_generate(workload, config, new_tokens, prof, path)
+        _run(workload, config, new_tokens, prof, path)
     report = prof.report()
     report["warmup"] = warm
     report["workload"] = {"model": workload.name, "context": workload.context, "batch": workload.batch,
-                          "new_tokens": new_tokens, "device": str(workload.device),
+                          "prefill": workload.prefill, "new_tokens": new_tokens, "device": str(workload.device),
                           "dtype": str(next(workload.model.parameters()).dtype).removeprefix("torch.")}
     if config is not None:
         report["config"] = {"method": config.method, "page_size": config.page_size,
@@ -203,12 +284,16 @@ def profile_run(workload: Workload, config, new_tokens: int, *, label: str, sync
     return report
 
 
+def _run(workload: Workload, config, new_tokens: int, prof, path: str, processors=()):
+    """One generate() of the dense baseline (``config=None``) or of the pipeline."""
+    if config is None:
+        return _dense_generate(workload, new_tokens, prof, path, processors)
+    return _memops_generate(workload, config, new_tokens, prof, path, processors)
+
+
 def _run_once(workload: Workload, config, new_tokens: int, prof, path: str) -> float:
     start = time.perf_counter()
-    if config is None:
-        _generate(workload, new_tokens)
-    else:
-        _memops_generate(workload, config, new_tokens, prof, path)
+    _run(workload, config, new_tokens, prof, path)
     if workload.device.type == "cuda":
         torch.cuda.synchronize(workload.device)
     return time.perf_counter() - start
@@ -241,27 +326,20 @@ def measured_overhead(workload: Workload, config, new_tokens: int, repeats: int 
     ``timed_vs_untimed_token_pct`` compares each run's timed tokens with its untimed ones: the
     cost of timing one token, measured between neighbouring tokens (robust to a loaded host).
     """
-    from torch_memops import hf
-
     if repeats < 1:
         raise ValueError(f"measured_overhead: repeats must be >= 1, got {repeats}")
+    if path == "compiled":
+        reset_compiled(workload.model)
 
     def plain_run() -> float:
         clock = _BareClock(workload.device)
-        if config is None:
-            _generate(workload, new_tokens, [clock])
-        else:
-            with hf.enable(workload.model, config):
-                _generate(workload, new_tokens, [clock], **({"cache_implementation": "static",
-                                                              "compile_config": _compile_config()}
-                                                             if path == "compiled" else {}))
+        _run(workload, config, new_tokens, None, path, [clock])
         return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
     def profiled_run():
         prof = Profiler(label="overhead", sample_every=sample_every)  # as profile_run: energy read too
         with prof:
-            _memops_generate(workload, config, new_tokens, prof, path) if config is not None else _generate(
-                workload, new_tokens, [prof.token_clock()])
+            _run(workload, config, new_tokens, prof, path)
         report = prof.report()
         decode = report["phases"]["decode"]
         return decode["time_s"] / decode["tokens"], report
@@ -346,6 +424,10 @@ def add_common_arguments(sub) -> None:
     sub.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                      help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     sub.add_argument("--num-layers", type=int, help="layers of llama-8b-random (default: 32)")
+    sub.add_argument("--prefill", choices=PREFILLS, default="real",
+                     help="real: generate() runs the prompt (default); random: the cache starts with random keys "
+                          "and values for the prompt (no prefill: long contexts and large batches in seconds; the "
+                          "tokens are meaningless, the time and energy per decode token are not)")
     sub.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
     sub.add_argument("--json", type=Path, help="write the full result as JSON to this file")
 
@@ -413,7 +495,7 @@ def profile_command(args) -> dict:
     config = memops_config(args, placement)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     workload = load_workload(args.model, args.context, args.batch, resolve_device(args.device), dtype,
-                             args.num_layers)
+                             args.num_layers, args.prefill)
     reports = []
     progress = not args.quiet
     sample_every = getattr(args, "sample_every", "auto")
