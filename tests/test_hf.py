@@ -383,6 +383,20 @@ def test_fpga_memory_with_cpu_apply_matches_dense():
         pytest.skip("torch_memops.fpga is not importable or torch.device('fpga') is not registered")
     cache = _placement_matches_dense({"prepare": "fpga", "relevancy": "fpga", "retrieval": "fpga", "apply": "cpu"})
     assert cache.layers[2].keys.device.type == "fpga"
+    # Each layer's buffers in its own HBM bank (one bank of 512 MiB does not hold a model's KV;
+    # the H200 planner run at 8K overfilled bank 0): keys, values and summaries alike.
+    from torch_memops import fpga
+
+    banks = []
+    sparse = [layer for layer in cache.layers if layer.sparse]
+    for layer in sparse:
+        storage = layer.storage
+        owned = [t for t in (storage.keys, storage.values, storage.summary) if t is not None]
+        assert all(t.device.type == "fpga" for t in owned)
+        assert {fpga.bank_of(t) for t in owned} == {layer.layer_idx % fpga.HBM_BANKS}
+        banks.append(fpga.bank_of(storage.keys))
+    assert len(set(banks)) == len(sparse) > 1
+    assert fpga.default_bank() == 0, "the default bank is restored"
 
 
 def test_cuda_placement_matches_dense():

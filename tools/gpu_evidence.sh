@@ -5,6 +5,7 @@
 # cell (ENERGY_CELL, batch x context) with the pipeline compiled and no planner. Everything ends
 # up in $OUT/evidence.tar.gz (the device tool brings back a few files per call).
 #   BUDGET_S=560  STEPS="tests int8 b1 energy"  TESTS="tests/test_offload_mapped.py ..."  CONTEXTS=8192,32768,131072
+#   B1_ARGS="--overhead-repeats 10" (more gpu_profile.py options for the batch-1 run)
 #   ENERGY_CELL=4x131072  ENERGY_S=300 (seconds kept for the energy cell: dense eager, dense compiled
 #   (StaticCache) and the pipeline compiled, each from a random-KV prefix: --prefill random, since the eager
 #   prefill of 4 x 128K needs about 60 GB of MLP temporaries beside 64 GB of KV and 16 GB of weights)
@@ -32,7 +33,7 @@ fi
 budget=$(( $(left) - ENERGY_S ))
 if [[ "$STEPS" == *" b1 "* && "$budget" -gt 90 ]]; then
   OUT="$OUT/profile_b1" BUDGET_S=$budget CONTEXTS="${CONTEXTS:-8192,32768,131072}" BATCHES=1 \
-    bash tools/gpu_profile.sh | tail -40
+    PROFILE_ARGS="${B1_ARGS:-}" bash tools/gpu_profile.sh | tail -40
 fi
 batch=${ENERGY_CELL%x*}; context=${ENERGY_CELL#*x}
 budget=$(( $(left) - 10 ))

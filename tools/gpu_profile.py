@@ -151,11 +151,13 @@ def main() -> None:
                     overhead_lines.append(
                         f"measured profiler overhead at {_tokens(context)} x{batch}, sample_every={every}: "
                         f"{overhead['overhead_pct']:+.1f} % (median of {overhead['repeats']} pairs, spread "
-                        f"{overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; timed tokens "
+                        f"{overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %, fastest against "
+                        f"fastest {overhead['ratio_of_minima_pct']:+.1f} %; timed tokens "
                         f"{overhead['sampling']['timed_tokens']} of {overhead['sampling']['decode_tokens']})")
                     print(f"measured profiler overhead, sample_every={every}: {overhead['overhead_pct']:+.1f} % of "
                           f"decode time per token (median of {overhead['repeats']} alternated pairs after a warm-up, "
-                          f"spread {overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; ms/token "
+                          f"spread {overhead['spread_pct'][0]:+.1f} to {overhead['spread_pct'][1]:+.1f} %; "
+                          f"fastest against fastest {overhead['ratio_of_minima_pct']:+.1f} %; ms/token "
                           f"plain {_ms(overhead['plain_ms_per_token'])}, profiled "
                           f"{_ms(overhead['profiled_ms_per_token'])}; timed tokens "
                           f"{overhead['sampling']['timed_tokens']} of {overhead['sampling']['decode_tokens']})",
@@ -202,11 +204,17 @@ def main() -> None:
         def measure(placement):
             cfg = plan.config_for_placement(placement, dev, method="quest", page_size=16, token_budget=args.budget,
                                             dense_layers=2)
-            return workload.profile_run(cell, cfg, args.new_tokens, label=placement.label(),
-                                        sample_every=args.sample_every)
+            start = time.time()
+            report = workload.profile_run(cell, cfg, args.new_tokens, label=placement.label(),
+                                          sample_every=args.sample_every)
+            print(f"validated {placement.label()}: measured {report['phases']['decode']['per_token_ms']['total']:.2f} "
+                  f"ms/token ({time.time() - start:.0f} s)", flush=True)
+            return report
 
-        plan_result = {"ranked": ranked, "costs": plan.costs_as_json(costs), "objective": "latency",
-                       "validation": plan.validate(costs, measure, runnable)}
+        plan_result = {"ranked": ranked, "costs": plan.costs_as_json(costs), "objective": "latency"}
+        (args.out / "plan.json").write_text(json.dumps(plan_result, indent=1))  # kept if validation is cut short
+        print(f"planner ranked {len(ranked)} placements; validating {[p.label() for p in runnable]}", flush=True)
+        plan_result["validation"] = plan.validate(costs, measure, runnable)
         (args.out / "plan.json").write_text(json.dumps(plan_result, indent=1))
 
     lines = ["every row after one unreported warm-up run; path: the decode path that ran; timed: decode tokens "

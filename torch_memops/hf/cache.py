@@ -105,7 +105,7 @@ class MemopsLayer:
         else:
             self.storage = LayerStorage(method=self.method, page_size=self.config.page_size, sparse=self.sparse,
                                         devices=self.devices, key_states=key_states, value_states=value_states,
-                                        capacity=self.max_cache_len)
+                                        capacity=self.max_cache_len, layer_idx=self.layer_idx)
         if self.max_cache_len is not None:
             # Tokens transformers has seen (padding included), a device tensor as in its StaticLayer.
             self.seen = torch.zeros((), dtype=torch.long, device=self.model_device)

@@ -17,6 +17,8 @@ prefill, see :meth:`LayerStorage.remove_left_padding`), the ragged-batch contrac
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -39,8 +41,9 @@ class LayerStorage:
     device, and ``seq_lens`` (``int32 [B]``, one tensor per device that reads it)."""
 
     def __init__(self, *, method, page_size: int, sparse: bool, devices: Dict[str, torch.device],
-                 key_states: Tensor, value_states: Tensor, capacity: Optional[int]):
+                 key_states: Tensor, value_states: Tensor, capacity: Optional[int], layer_idx: int = 0):
         self.method = method
+        self.layer_idx = layer_idx
         self.page_size = page_size
         self.sparse = sparse
         self.static = capacity is not None
@@ -59,19 +62,20 @@ class LayerStorage:
             capacity = tokens + GROWTH_TOKENS
         allocate = torch.zeros if self.static else torch.empty
         dtype = key_states.dtype
-        self.keys = self._new_kv((batch, heads, capacity, key_dim), dtype, zero=self.static)
-        self.values = self._new_kv((batch, heads, capacity, value_states.shape[-1]), value_states.dtype,
-                                   zero=self.static)
         self.has_summary = sparse and method.summary_mode is not None
         self.prepare_keys = None
         self.summary = self.relevancy_summary = None
-        if self.has_summary:
-            if self.prepare_device != self.memory_device:
-                self.prepare_keys = allocate(self.keys.shape, dtype=dtype, device=self.prepare_device)
-            summary_shape = (batch, heads, ceil_div(capacity, page_size), method.representatives, key_dim)
-            self.summary = allocate(summary_shape, dtype=dtype, device=self.prepare_device)
-            if self.relevancy_device != self.prepare_device:
-                self.relevancy_summary = allocate(summary_shape, dtype=dtype, device=self.relevancy_device)
+        with self._in_own_bank():
+            self.keys = self._new_kv((batch, heads, capacity, key_dim), dtype, zero=self.static)
+            self.values = self._new_kv((batch, heads, capacity, value_states.shape[-1]), value_states.dtype,
+                                       zero=self.static)
+            if self.has_summary:
+                if self.prepare_device != self.memory_device:
+                    self.prepare_keys = allocate(self.keys.shape, dtype=dtype, device=self.prepare_device)
+                summary_shape = (batch, heads, ceil_div(capacity, page_size), method.representatives, key_dim)
+                self.summary = allocate(summary_shape, dtype=dtype, device=self.prepare_device)
+                if self.relevancy_device != self.prepare_device:
+                    self.relevancy_summary = allocate(summary_shape, dtype=dtype, device=self.relevancy_device)
         self.seq_lens: Dict[torch.device, Tensor] = {}
         self._host_lens: Optional[Tensor] = None  # dynamic only: CPU lengths at the last set_lengths
         self._host_steps = 0  # dynamic only: decode tokens appended to every row since then
@@ -81,6 +85,15 @@ class LayerStorage:
             self._mark_static()
 
     # -- the set of buffers ---------------------------------------------------------------
+
+    def _in_own_bank(self):
+        """Context of every allocation: the fpga buffers of layer ``i`` go to HBM bank ``i % 32``
+        (one 512 MiB bank holds the KV of a few layers at 8K tokens, not a model's)."""
+        if all(d.type != "fpga" for d in (self.memory_device, self.prepare_device, self.relevancy_device)):
+            return contextlib.nullcontext()
+        from torch_memops import fpga
+
+        return fpga.bank(self.layer_idx % fpga.HBM_BANKS)
 
     def _new_kv(self, shape, dtype, zero: bool) -> Tensor:
         """A key or value buffer on the memory device (``mapped.py`` keeps them in host memory)."""
@@ -160,11 +173,12 @@ class LayerStorage:
             new[:, :, :used].copy_(tensor[:, :, :used])
             return new
 
-        self.keys = grown(self.keys, capacity, self.max_len, kv=True)
-        self.values = grown(self.values, capacity, self.max_len, kv=True)
-        self.prepare_keys = grown(self.prepare_keys, capacity, self.max_len)
-        self.summary = grown(self.summary, pages, used_pages)
-        self.relevancy_summary = grown(self.relevancy_summary, pages, used_pages)
+        with self._in_own_bank():
+            self.keys = grown(self.keys, capacity, self.max_len, kv=True)
+            self.values = grown(self.values, capacity, self.max_len, kv=True)
+            self.prepare_keys = grown(self.prepare_keys, capacity, self.max_len)
+            self.summary = grown(self.summary, pages, used_pages)
+            self.relevancy_summary = grown(self.relevancy_summary, pages, used_pages)
 
     # -- writing tokens -----------------------------------------------------------------------
 
