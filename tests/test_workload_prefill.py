@@ -73,3 +73,16 @@ def test_unknown_prefill_is_refused():
     with pytest.raises(ValueError, match="prefill must be one of"):
         workload.Workload(torch.nn.Linear(1, 1), torch.zeros(1, 1, dtype=torch.long), "x", torch.device("cpu"),
                           "fake")
+
+
+def test_the_first_forward_on_a_prefix_is_the_prefill_of_the_report(work):
+    """The one-token first forward on a random prefix is what generate() calls its prefill: its
+    steps belong to the prefill, and a compiled decode (no hooks) reports no decode steps."""
+    quest = hf.MemopsConfig(page_size=PAGE, token_budget=4 * PAGE, dense_layers=1)
+    eager = workload.profile_run(work, quest, NEW, label="x", warmup=False, sample_every=1)
+    sparse_layers = work.model.config.num_hidden_layers - 1
+    assert eager["phases"]["prefill"]["step_calls"]["relevancy"] == sparse_layers
+    assert eager["phases"]["decode"]["step_calls"]["relevancy"] == sparse_layers * (NEW - 1)
+    compiled = workload.profile_run(work, quest, NEW, label="x", path="compiled", sample_every=1)
+    assert compiled["path"]["decode"] == "compiled" and not compiled["path"]["decode_steps_observed"]
+    assert compiled["phases"]["prefill"]["step_calls"]["relevancy"] == sparse_layers

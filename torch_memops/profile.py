@@ -335,6 +335,7 @@ class _LayerHook:
         if _compiling() or not p._timing:
             return _NULL_STEP
         t_call = _now()
+        phase = p._token_phase(phase)
         owner = self._layer() if self._layer is not None else None
         placed = getattr(owner, "devices", None)
         memo = self._memo.get((phase, name))
@@ -443,6 +444,7 @@ class Profiler:
         self.meters: Dict[str, EnergyMeter] = {}
         self.path: Dict[str, object] = {}
         self._detach: list = []
+        self._clocked = False  # a token clock was made: token boundaries mark the phases
         self._reset()
 
     # -- the hook interface ----------------------------------------------------------------
@@ -457,7 +459,14 @@ class Profiler:
         # is_compiling first: a traced graph then never reads (and guards on) _timing.
         if _compiling() or not self._timing:
             return _NULL_STEP
-        return self._new_step(phase, name, devices, layer, owner, _now())
+        return self._new_step(self._token_phase(phase), name, devices, layer, owner, _now())
+
+    def _token_phase(self, phase: str) -> str:
+        """With a token clock, the forward before the first token boundary is the prefill, whatever
+        the cache calls it: a cache that starts with a prefix runs a one-token first forward, which
+        the cache sees as a decode step (without this its steps counted as decode steps of a
+        compiled decode that runs no hooks)."""
+        return "prefill" if self._clocked and not self._marks else phase
 
     def _new_step(self, phase: str, name: str, devices, layer, owner, t_call: float) -> _Step:
         devices = tuple(devices) if not isinstance(devices, torch.device) else (devices,)
@@ -520,6 +529,7 @@ class Profiler:
 
     def token_clock(self) -> _TokenClock:
         """A logits processor for ``generate(..., logits_processor=[...])`` marking each token."""
+        self._clocked = True
         return _TokenClock(self)
 
     def mark_token(self) -> None:
