@@ -175,9 +175,42 @@ def bench_indexer(report: Report, batches, lengths, k: int = 2048, heads: int = 
                            nbytes))
 
 
+def bench_selection(report: Report, batches=(1, 8), pages=(8192, 16384, 32768), ks=(128, 256),
+                    Hq: int = 32, Hkv: int = 8, D: int = 128) -> None:
+    """The selection kernel alone (topk_relevancy with its selection unfused: the op's kernel
+    split) against torch.topk on float32 scores of the same shape, at rows of N >= 8K pages."""
+    for B in batches:
+        for N in pages:
+            if deadline_passed():
+                return
+            pair = torch.randn(B, Hkv, N, 2, D, device="cuda", dtype=DTYPE)
+            summary = torch.stack((pair.amin(3), pair.amax(3)), dim=3)  # min <= max per page
+            del pair
+            query = torch.randn(B, Hq, D, device="cuda", dtype=DTYPE)
+            scores = torch.randn(B, Hkv, N, device="cuda")
+            for k in ks:
+                shape = f"llama3-8b B{B} N{N // 1024}K pages"
+
+                def relevancy():
+                    return ops.topk_relevancy(query, summary, k)
+
+                with cuda_switch("MEMOPS_CUDA_FUSED_SELECT", "0"):
+                    kernels = short_kernel_names(kernel_times_us(relevancy))
+                    total = median_ms(relevancy)
+                select_us = sum(us for name, us in kernels.items() if "select" in name)
+                topk_ms = median_ms(lambda: torch.topk(scores, k, dim=-1))
+                report.add(Row(f"selection k={k} (topk_relevancy, selection unfused)", shape, total, None,
+                               {**kernels, "selection_kernel_us": select_us, "torch_topk_us": round(topk_ms * 1e3, 1),
+                                "torch_topk_over_selection": round(topk_ms * 1e3 / select_us, 2) if select_us else None}))
+            del summary
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 8, S = 32K only")
+    parser.add_argument("--selection", action="store_true",
+                        help="only the selection at rows of 8K-32K pages against torch.topk")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer rows")
     args = parser.parse_args()
     batches = [8] if args.quick else [1, 8]
@@ -189,8 +222,12 @@ def main() -> None:
     print(f"FlashInfer {flashinfer}: measured in the same run" if flashinfer else
           "FlashInfer: not measured (" + ("--no-flashinfer" if args.no_flashinfer else "import flashinfer failed")
           + ")", flush=True)
+    if args.selection:
+        bench_selection(report)
+        return
     bench_attention_shapes(report, batches, lengths, budget=2048, flashinfer=flashinfer is not None)
     bench_indexer(report, batches, lengths)
+    bench_selection(report)
 
 
 if __name__ == "__main__":
