@@ -50,7 +50,7 @@ template <int kRows>
 struct MergeShared {
   float weight[kRows][apply_detail::kMaxSplits];  // first the splits' maxima, then their weights
   float split_sum[kRows][apply_detail::kMaxSplits];
-  float total_sum[kRows];
+  float row_max[kRows], total_sum[kRows];
 };
 
 // kL2: the view is in global memory, written by other blocks of this launch (read from L2).
@@ -63,81 +63,116 @@ __device__ __forceinline__ float load_split(const float* p) {
   }
 }
 
+// The element phase of merge_splits with kPer elements a thread (rows * dim <= kThreads * kPer):
+// each element sums its splits in split order; the loads of kUnroll splits of all kPer elements
+// (16 in all) are issued before their multiply-adds, so that they are in flight together.
+template <typename T, int kRows, int kThreads, int kPer, bool kL2>
+__device__ __forceinline__ void merge_split_elements(const SparseApplyParams& p, int64_t first_row,
+                                                     int64_t count, int64_t splits,
+                                                     const SplitView& view,
+                                                     const MergeShared<kRows>& shared) {
+  constexpr int kUnroll = 16 / kPer;
+  // 32-bit offsets: at most kRows * kMaxSplits * kMaxDim elements.
+  const int dim = static_cast<int>(p.dim), n = static_cast<int>(count);
+  const int split_count = static_cast<int>(splits), row_stride = static_cast<int>(view.acc_row_stride);
+  int row[kPer], offset[kPer];
+  float acc[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+    row[k] = i < n ? i / dim : 0;
+    offset[k] = row[k] * row_stride + (i < n ? i % dim : 0);
+    acc[k] = 0.f;
+  }
+  const auto active = [&](int k) { return static_cast<int>(threadIdx.x) + k * kThreads < n; };
+  int s = 0;
+  for (; s + kUnroll <= split_count; s += kUnroll) {
+    float v[kUnroll][kPer];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k)
+        v[u][k] = active(k) ? load_split<kL2>(view.acc + offset[k] + (s + u) * dim) : 0.f;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) acc[k] = fmaf(shared.weight[row[k]][s + u], v[u][k], acc[k]);
+  }
+  for (; s < split_count; ++s) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+      if (active(k))
+        acc[k] = fmaf(shared.weight[row[k]][s], load_split<kL2>(view.acc + offset[k] + s * dim), acc[k]);
+  }
+  T* out = static_cast<T*>(p.out) + first_row * p.dim;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    if (active(k)) {
+      const float total = shared.total_sum[row[k]];
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      out[threadIdx.x + k * kThreads] = static_cast<T>(acc[k] * inv);
+    }
+  }
+}
+
+// merge_split_elements with the fewest elements a thread that cover `count` (so that fewer heads,
+// e.g. a GQA group of 4 in a block for 8, keep 16 loads in flight over more splits).
+template <typename T, int kRows, int kThreads, int kPer, bool kL2>
+__device__ __forceinline__ void merge_split_elements_fit(const SparseApplyParams& p, int64_t first_row,
+                                                         int64_t count, int64_t splits,
+                                                         const SplitView& view,
+                                                         const MergeShared<kRows>& shared) {
+  if constexpr (kPer > 1) {
+    if (count <= int64_t(kThreads) * (kPer / 2))
+      return merge_split_elements_fit<T, kRows, kThreads, kPer / 2, kL2>(p, first_row, count, splits,
+                                                                         view, shared);
+  }
+  merge_split_elements<T, kRows, kThreads, kPer, kL2>(p, first_row, count, splits, view, shared);
+}
+
 // The exact combination of `splits` splits of the output rows first_row .. first_row + rows - 1
 // (consecutive rows of out [B * Hq, D] and lse), by the kThreads threads of the calling block
-// (rows <= kThreads, dim <= kDim). The arithmetic is sequential in split order: thread r takes
-// the max of row r's splits and sums their weighted sums, then each element sums its splits,
-// with explicit fused multiply-adds; only the loads run in parallel (the statistics by the
-// whole block, kSplitUnroll splits of kPer elements a thread at a time). The separate merge
-// kernel and the merge in a split kernel's last block both run this, so they give the same
-// bits. Every thread of the block must call it (it has barriers).
+// (rows <= kThreads, dim <= kDim). The sums run sequentially in split order with explicit fused
+// multiply-adds: thread r takes the max of row r's splits and sums their weighted sums, each
+// element sums its splits. Loads and the weights' exponentials run in parallel. The separate
+// merge kernel and the merge in a split kernel's last block both run this, so they give the
+// same bits. Every thread of the block must call it (it has barriers).
 template <typename T, int kRows, int kThreads, int kDim, bool kL2>
 __device__ __forceinline__ void merge_splits(const SparseApplyParams& p, int64_t first_row, int rows,
                                              int64_t splits, const SplitView& view,
                                              MergeShared<kRows>& shared) {
-  for (int64_t i = threadIdx.x; i < int64_t(rows) * splits; i += kThreads) {
+  const int64_t stats = int64_t(rows) * splits;
+  for (int64_t i = threadIdx.x; i < stats; i += kThreads) {
     const int64_t r = i / splits, s = i % splits;
     shared.weight[r][s] = load_split<kL2>(view.max + r * view.stat_row_stride + s);
     shared.split_sum[r][s] = load_split<kL2>(view.sum + r * view.stat_row_stride + s);
   }
   __syncthreads();
   if (static_cast<int>(threadIdx.x) < rows) {
-    const int r = threadIdx.x;
     float m = -INFINITY;
-    for (int64_t s = 0; s < splits; ++s) m = fmax32(m, shared.weight[r][s]);
+    for (int64_t s = 0; s < splits; ++s) m = fmax32(m, shared.weight[threadIdx.x][s]);
+    shared.row_max[threadIdx.x] = m;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < stats; i += kThreads) {
+    const int64_t r = i / splits, s = i % splits;
+    const float split_max = shared.weight[r][s];
+    shared.weight[r][s] = split_max == -INFINITY ? 0.f : expf(split_max - shared.row_max[r]);
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < rows) {
+    const int r = threadIdx.x;
     float l = 0.f;
-    for (int64_t s = 0; s < splits; ++s) {
-      const float split_max = shared.weight[r][s];
-      const float w = split_max == -INFINITY ? 0.f : expf(split_max - m);
-      shared.weight[r][s] = w;
-      l = fmaf(w, shared.split_sum[r][s], l);
-    }
+    for (int64_t s = 0; s < splits; ++s) l = fmaf(shared.weight[r][s], shared.split_sum[r][s], l);
     shared.total_sum[r] = l;
-    p.lse[first_row + r] = l > 0.f ? m + logf(l) : -INFINITY;
+    p.lse[first_row + r] = l > 0.f ? shared.row_max[r] + logf(l) : -INFINITY;
   }
   __syncthreads();
   constexpr int kPer = (kRows * kDim + kThreads - 1) / kThreads;
-  constexpr int kSplitUnroll = kPer >= 8 ? 2 : (kPer >= 4 ? 4 : 8);  // about 16 loads in flight
-  const int64_t dim = p.dim, count = int64_t(rows) * dim;
-  bool active[kPer];
-  int row[kPer];
-  const float* src[kPer];
-  float acc[kPer];
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int64_t i = threadIdx.x + int64_t(k) * kThreads;
-    active[k] = i < count;
-    row[k] = active[k] ? static_cast<int>(i / dim) : 0;
-    src[k] = view.acc + row[k] * view.acc_row_stride + (active[k] ? i % dim : 0);
-    acc[k] = 0.f;
-  }
-  int64_t s = 0;
-  for (; s + kSplitUnroll <= splits; s += kSplitUnroll) {
-    float v[kSplitUnroll][kPer];
-#pragma unroll
-    for (int u = 0; u < kSplitUnroll; ++u)
-#pragma unroll
-      for (int k = 0; k < kPer; ++k)
-        v[u][k] = active[k] ? load_split<kL2>(src[k] + (s + u) * dim) : 0.f;
-#pragma unroll
-    for (int u = 0; u < kSplitUnroll; ++u)
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) acc[k] = fmaf(shared.weight[row[k]][s + u], v[u][k], acc[k]);
-  }
-  for (; s < splits; ++s) {
-#pragma unroll
-    for (int k = 0; k < kPer; ++k)
-      if (active[k]) acc[k] = fmaf(shared.weight[row[k]][s], load_split<kL2>(src[k] + s * dim), acc[k]);
-  }
-  T* out = static_cast<T*>(p.out) + first_row * dim;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    if (active[k]) {
-      const float total = shared.total_sum[row[k]];
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      out[threadIdx.x + int64_t(k) * kThreads] = static_cast<T>(acc[k] * inv);
-    }
-  }
+  static_assert(kPer >= 1 && kPer <= 16 && (kPer & (kPer - 1)) == 0,
+                "merge_splits: a power of two, at most 16, elements a thread");
+  merge_split_elements_fit<T, kRows, kThreads, kPer, kL2>(p, first_row, int64_t(rows) * p.dim, splits,
+                                                          view, shared);
 }
 
 // Called by every thread of a split block after it wrote its partials: publishes them and counts
