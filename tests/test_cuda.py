@@ -476,6 +476,131 @@ def test_sparse_apply_seq_lens_out_of_range_is_clamped():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+# The split merge: by the last split block of each row (default) or by a kernel of its own
+# (MEMOPS_CUDA_FUSED_MERGE=0). Splits are planned from shapes: k = 4 pages of 16 tokens is one
+# split in both kernels (<= 128 tokens portable, <= 64 tensor cores); k = 300 at batch 1 is tens
+# of splits (each about 128 or 64 tokens), at batch 8 a few.
+SPLIT_KERNELS = [(torch.bfloat16, "1"), (torch.bfloat16, "0"), (torch.float32, "1")]
+SPLIT_KERNEL_IDS = ["tensor-cores", "portable-bf16", "portable-fp32"]
+
+
+def kernel_names(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def split_merge_inputs(B, Hq, Hkv, dtype, k, S=6000, D=128, P=16):
+    N = -(-S // P)
+    query = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    k_cache = strided_view(torch.randn(B, Hkv, S, D, device=DEV).to(dtype))
+    v_cache = strided_view(torch.randn(B, Hkv, S, D, device=DEV).to(dtype))
+    # Ascending pages, the last fifth of each row padding: the last splits of a row attend nothing.
+    idx = sorted_page_indices(B, Hkv, k, N, pad_from=k - k // 5 if k >= 5 else None)
+    return query, k_cache, v_cache, idx, P
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("hq_hkv", [(32, 8), (8, 8)], ids=["gqa4", "mha"])
+@pytest.mark.parametrize("k", [4, 300], ids=["one-split", "many-splits"])
+def test_sparse_apply_split_merge(dtype, tensor_cores, B, hq_hkv, k, monkeypatch):
+    monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
+    Hq, Hkv = hq_hkv
+    query, k_cache, v_cache, idx, P = split_merge_inputs(B, Hq, Hkv, dtype, k)
+    S = k_cache.shape[2]
+    # Rows of no token (every split empty), of every token, and short ones whose later splits
+    # hold only pages past seq_lens (their max is -inf).
+    lens_cases = [torch.tensor([0], dtype=torch.int32, device=DEV).repeat(B)]
+    if B == 1:
+        lens_cases.append(torch.tensor([700], dtype=torch.int32, device=DEV))
+    else:
+        lens_cases.append(torch.tensor([0, S, 700, 40, 1, 3000, S - 1, 16], dtype=torch.int32,
+                                       device=DEV))
+    for lens in lens_cases:
+        check_attention(query, k_cache, v_cache, idx, P, lens)
+        fused = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+        monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "0")
+        separate = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+        monkeypatch.delenv("MEMOPS_CUDA_FUSED_MERGE")
+        # The same merge code in both: the same bits.
+        assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
+    check_attention(query, k_cache, v_cache, idx, P, None)
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
+@pytest.mark.parametrize("k", [4, 300], ids=["one-split", "many-splits"])
+def test_sparse_apply_merge_switch_launches(dtype, tensor_cores, k, monkeypatch):
+    """The default is one kernel (its name shows which split kernel ran); the switch adds the
+    separate merge kernel. Guards the bit-equality test above against a switch that does nothing."""
+    monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
+    query, k_cache, v_cache, idx, P = split_merge_inputs(1, 32, 8, dtype, k)
+    call = lambda: ops.sparse_apply(query, k_cache, v_cache, idx, P)  # noqa: E731
+    fused = kernel_names(call)
+    split_kernel = "sparse_apply_tc_kernel" if tensor_cores == "1" and dtype != torch.float32 \
+        else "sparse_apply_split_kernel"
+    assert any(split_kernel in n for n in fused), fused
+    assert not any("sparse_apply_merge_kernel" in n for n in fused), fused
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "0")
+    separate = kernel_names(call)
+    assert any("sparse_apply_merge_kernel" in n for n in separate), separate
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
+@pytest.mark.parametrize("k", [4, 300], ids=["one-split", "many-splits"])
+@pytest.mark.parametrize("fused_merge", ["1", "0"])
+def test_sparse_apply_merge_paths_report_value_errors(dtype, tensor_cores, k, fused_merge,
+                                                      monkeypatch):
+    monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", fused_merge)
+    B = 2
+    query, k_cache, v_cache, idx, P = split_merge_inputs(B, 32, 8, dtype, k)
+    S, N = k_cache.shape[2], -(-k_cache.shape[2] // P)
+    lens = torch.tensor([S, 900], dtype=torch.int32, device=DEV)
+    torch_memops.value_errors(DEV)
+    want = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+    assert torch_memops.value_errors(DEV) == set()
+    bad = idx.clone()
+    # Out of range in the last slot (the last split of a row) and the first: padding.
+    pad = idx.clone()
+    bad[0, 3, k - 1], bad[1, 7, 0] = N + 5, -7
+    pad[0, 3, k - 1], pad[1, 7, 0] = -1, -1
+    want = ops.sparse_apply(query, k_cache, v_cache, pad, P, seq_lens=lens)
+    got = ops.sparse_apply(query, k_cache, v_cache, bad, P,
+                           seq_lens=torch.tensor([10**6, 900], dtype=torch.int32, device=DEV))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch_memops.value_errors(DEV) == {"indices", "seq_lens"}
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
+def test_sparse_apply_fused_merge_replays_in_a_cuda_graph(dtype, tensor_cores, monkeypatch):
+    """Many splits: the per-row counters are zeroed inside the graph, so every replay merges."""
+    monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
+    B, Hq, Hkv, k = 1, 32, 8, 300
+    static = list(split_merge_inputs(B, Hq, Hkv, dtype, k)[:4])
+    P = 16
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.sparse_apply(*static, P)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ops.sparse_apply(*static, P)
+    for _ in range(3):
+        fresh = split_merge_inputs(B, Hq, Hkv, dtype, k)[:4]
+        for buf, value in zip(static, fresh):
+            buf.copy_(value)
+        graph.replay()
+        want_out, want_lse = ops.sparse_apply(*static, P)  # eager, the same buffers
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
 # ------------------------------------------------------------------------------------------------
 # merge_attention
 # ------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ inline int grid_limit(int blocks_per_sm) {
 // paths): unset or anything but "0" means on.
 //   MEMOPS_CUDA_TENSOR_CORES=0   the portable CUDA-core kernels for every dtype
 //   MEMOPS_CUDA_FUSED_SELECT=0   topk_relevancy selects in a kernel of its own
+//   MEMOPS_CUDA_FUSED_MERGE=0    sparse_apply merges its splits in a kernel of their own
 inline bool env_switch(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr || std::string(value) != "0";

@@ -68,12 +68,23 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   TORCH_CHECK(B * p.index_heads * p.head_chunks <= 65535, "memops.sparse_apply: the CUDA "
               "kernel supports at most 65535 (batch, head) rows, got ",
               B * p.index_heads * p.head_chunks);
-  // Split partials: sized by shapes only, so the op stays capturable in a CUDA graph.
-  at::Tensor partial_acc = at::empty({B * Hq, p.splits, D}, query.options().dtype(at::kFloat));
-  at::Tensor partial_stats = at::empty({2, B * Hq, p.splits}, query.options().dtype(at::kFloat));
-  p.partial_acc = partial_acc.mutable_data_ptr<float>();
-  p.partial_max = partial_stats.mutable_data_ptr<float>();
-  p.partial_sum = p.partial_max + B * Hq * p.splits;
+  // The splits are merged by each row's last split block (one split: its block writes the
+  // output); MEMOPS_CUDA_FUSED_MERGE=0 merges them in a kernel of their own. Partials and the
+  // per-row counters (zeroed here, a memset) are sized by shapes only, so the op stays
+  // capturable in a CUDA graph; nothing is kept between calls.
+  p.separate_merge = !env_switch("MEMOPS_CUDA_FUSED_MERGE");
+  at::Tensor partial_acc, partial_stats, split_done;
+  if (p.splits > 1 || p.separate_merge) {
+    partial_acc = at::empty({B * Hq, p.splits, D}, query.options().dtype(at::kFloat));
+    partial_stats = at::empty({2, B * Hq, p.splits}, query.options().dtype(at::kFloat));
+    p.partial_acc = partial_acc.mutable_data_ptr<float>();
+    p.partial_max = partial_stats.mutable_data_ptr<float>();
+    p.partial_sum = p.partial_max + B * Hq * p.splits;
+  }
+  if (p.splits > 1 && !p.separate_merge) {
+    split_done = at::zeros({B * p.index_heads * p.head_chunks}, query.options().dtype(at::kInt));
+    p.split_done = split_done.mutable_data_ptr<int32_t>();
+  }
   check_launch(tensor_cores ? cuda::launch_sparse_apply_tc(p, element_type(query),
                                                            current_stream())
                             : cuda::launch_sparse_apply(p, element_type(query), vectorized,

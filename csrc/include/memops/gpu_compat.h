@@ -24,6 +24,7 @@ using Half = __half;
 using BFloat16 = hip_bfloat16;
 using Error = hipError_t;
 constexpr Error kSuccess = hipSuccess;
+constexpr Error kInvalidValue = hipErrorInvalidValue;
 // gfx9 (MI100/MI210/MI300) runs wavefronts of 64 lanes.
 constexpr int kWarpSize = 64;
 inline Error last_error() { return hipGetLastError(); }
@@ -44,6 +45,7 @@ using Half = __half;
 using BFloat16 = __nv_bfloat16;
 using Error = cudaError_t;
 constexpr Error kSuccess = cudaSuccess;
+constexpr Error kInvalidValue = cudaErrorInvalidValue;
 constexpr int kWarpSize = 32;
 inline Error last_error() { return cudaGetLastError(); }
 inline Error set_max_dynamic_shared(const void* kernel, int bytes) {
@@ -74,8 +76,9 @@ __device__ __forceinline__ void histogram_add(unsigned* hist, unsigned bin) {
 }
 
 // A float written by another block of the same kernel (published with a fence and an atomic):
-// read from L2, never from this multiprocessor's L1. On HIP only the separate selection kernel
-// reads scores, after a kernel boundary, so a plain load is enough.
+// read from L2, never from this multiprocessor's L1. On HIP a plain load: the topk selection
+// there runs in a kernel of its own, and the sparse_apply merge reads after its own
+// __threadfence(), a device-scope fence, which on gfx9 invalidates the L1.
 __device__ __forceinline__ float load_l2(const float* p) {
 #if defined(__HIPCC__)
   return *p;

@@ -90,6 +90,12 @@ struct SparseApplyParams {
   int64_t v_stride[3];
   float scale;
   int32_t* value_errors;    // the value-error word, or nullptr
+  // The splits of a row are merged by its last split block to finish, which it learns from
+  // split_done ([B * index_heads * head_chunks] counters, zeroed before the launch; unused and
+  // may be nullptr with one split, whose block writes out and lse itself), or, with
+  // separate_merge, by a kernel of their own (every split then writes partials).
+  int* split_done;
+  bool separate_merge;
 };
 
 struct MergeAttentionParams {

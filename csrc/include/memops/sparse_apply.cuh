@@ -1,8 +1,9 @@
 // Apply to Inference on the GPU: split-K decode attention (flash-decoding) over the tokens of the
 // selected pages, gathered inside the kernel from strided caches. Each block takes one kv head's
 // selection and a contiguous range of its pages, and serves every query head of the GQA group
-// that shares the selection, so each kv page is read once for the whole group. The partial
-// results of the splits are merged exactly by a second kernel.
+// that shares the selection, so each kv page is read once for the whole group. The splits of a
+// row are merged exactly by the last of its split blocks to finish (or, with
+// SparseApplyParams::separate_merge, by a second kernel: the same merge code, the same bits).
 #pragma once
 
 // First: on HIP it defines the __host__/__device__/__forceinline__ that common.h uses.
@@ -33,6 +34,161 @@ constexpr int value_vec() {
 
 }  // namespace apply_detail
 
+// Where merge_splits reads the splits of its rows: the statistics of (row r, split s) at
+// max[r * stat_row_stride + s] and sum[...], the unnormalised output (r, s, d) at
+// acc[r * acc_row_stride + s * dim + d]. In global memory (the partials) or in the block's shared
+// memory (one split: the block's own results).
+struct SplitView {
+  const float* max;
+  const float* sum;
+  const float* acc;
+  int64_t stat_row_stride, acc_row_stride;
+};
+
+// Shared memory of merge_splits for up to kRows rows.
+template <int kRows>
+struct MergeShared {
+  float weight[kRows][apply_detail::kMaxSplits];  // first the splits' maxima, then their weights
+  float split_sum[kRows][apply_detail::kMaxSplits];
+  float row_max[kRows], total_sum[kRows];
+};
+
+// kL2: the view is in global memory, written by other blocks of this launch (read from L2).
+template <bool kL2>
+__device__ __forceinline__ float load_split(const float* p) {
+  if constexpr (kL2) {
+    return gpu::load_l2(p);
+  } else {
+    return *p;
+  }
+}
+
+// The element phase of merge_splits with kPer elements a thread (rows * dim <= kThreads * kPer):
+// each element sums its splits in split order; the loads of kUnroll splits of all kPer elements
+// (16 in all) are issued before their multiply-adds, so that they are in flight together.
+template <typename T, int kRows, int kThreads, int kPer, bool kL2>
+__device__ __forceinline__ void merge_split_elements(const SparseApplyParams& p, int64_t first_row,
+                                                     int64_t count, int64_t splits,
+                                                     const SplitView& view,
+                                                     const MergeShared<kRows>& shared) {
+  constexpr int kUnroll = 16 / kPer;
+  // 32-bit offsets: at most kRows * kMaxSplits * kMaxDim elements.
+  const int dim = static_cast<int>(p.dim), n = static_cast<int>(count);
+  const int split_count = static_cast<int>(splits), row_stride = static_cast<int>(view.acc_row_stride);
+  int row[kPer], offset[kPer];
+  float acc[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+    row[k] = i < n ? i / dim : 0;
+    offset[k] = row[k] * row_stride + (i < n ? i % dim : 0);
+    acc[k] = 0.f;
+  }
+  const auto active = [&](int k) { return static_cast<int>(threadIdx.x) + k * kThreads < n; };
+  int s = 0;
+  for (; s + kUnroll <= split_count; s += kUnroll) {
+    float v[kUnroll][kPer];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k)
+        v[u][k] = active(k) ? load_split<kL2>(view.acc + offset[k] + (s + u) * dim) : 0.f;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) acc[k] = fmaf(shared.weight[row[k]][s + u], v[u][k], acc[k]);
+  }
+  for (; s < split_count; ++s) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+      if (active(k))
+        acc[k] = fmaf(shared.weight[row[k]][s], load_split<kL2>(view.acc + offset[k] + s * dim), acc[k]);
+  }
+  T* out = static_cast<T*>(p.out) + first_row * p.dim;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    if (active(k)) {
+      const float total = shared.total_sum[row[k]];
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      out[threadIdx.x + k * kThreads] = static_cast<T>(acc[k] * inv);
+    }
+  }
+}
+
+// merge_split_elements with the fewest elements a thread that cover `count` (so that fewer heads,
+// e.g. a GQA group of 4 in a block for 8, keep 16 loads in flight over more splits).
+template <typename T, int kRows, int kThreads, int kPer, bool kL2>
+__device__ __forceinline__ void merge_split_elements_fit(const SparseApplyParams& p, int64_t first_row,
+                                                         int64_t count, int64_t splits,
+                                                         const SplitView& view,
+                                                         const MergeShared<kRows>& shared) {
+  if constexpr (kPer > 1) {
+    if (count <= int64_t(kThreads) * (kPer / 2))
+      return merge_split_elements_fit<T, kRows, kThreads, kPer / 2, kL2>(p, first_row, count, splits,
+                                                                         view, shared);
+  }
+  merge_split_elements<T, kRows, kThreads, kPer, kL2>(p, first_row, count, splits, view, shared);
+}
+
+// The exact combination of `splits` splits of the output rows first_row .. first_row + rows - 1
+// (consecutive rows of out [B * Hq, D] and lse), by the kThreads threads of the calling block
+// (rows <= kThreads, dim <= kDim). The sums run sequentially in split order with explicit fused
+// multiply-adds: thread r takes the max of row r's splits and sums their weighted sums, each
+// element sums its splits. Loads and the weights' exponentials run in parallel. The separate
+// merge kernel and the merge in a split kernel's last block both run this, so they give the
+// same bits. Every thread of the block must call it (it has barriers).
+template <typename T, int kRows, int kThreads, int kDim, bool kL2>
+__device__ __forceinline__ void merge_splits(const SparseApplyParams& p, int64_t first_row, int rows,
+                                             int64_t splits, const SplitView& view,
+                                             MergeShared<kRows>& shared) {
+  const int64_t stats = int64_t(rows) * splits;
+  for (int64_t i = threadIdx.x; i < stats; i += kThreads) {
+    const int64_t r = i / splits, s = i % splits;
+    shared.weight[r][s] = load_split<kL2>(view.max + r * view.stat_row_stride + s);
+    shared.split_sum[r][s] = load_split<kL2>(view.sum + r * view.stat_row_stride + s);
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < rows) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) m = fmax32(m, shared.weight[threadIdx.x][s]);
+    shared.row_max[threadIdx.x] = m;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < stats; i += kThreads) {
+    const int64_t r = i / splits, s = i % splits;
+    const float split_max = shared.weight[r][s];
+    shared.weight[r][s] = split_max == -INFINITY ? 0.f : expf(split_max - shared.row_max[r]);
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < rows) {
+    const int r = threadIdx.x;
+    float l = 0.f;
+    for (int64_t s = 0; s < splits; ++s) l = fmaf(shared.weight[r][s], shared.split_sum[r][s], l);
+    shared.total_sum[r] = l;
+    p.lse[first_row + r] = l > 0.f ? shared.row_max[r] + logf(l) : -INFINITY;
+  }
+  __syncthreads();
+  constexpr int kPer = (kRows * kDim + kThreads - 1) / kThreads;
+  static_assert(kPer >= 1 && kPer <= 16 && (kPer & (kPer - 1)) == 0,
+                "merge_splits: a power of two, at most 16, elements a thread");
+  merge_split_elements_fit<T, kRows, kThreads, kPer, kL2>(p, first_row, int64_t(rows) * p.dim, splits,
+                                                          view, shared);
+}
+
+// Called by every thread of a split block after it wrote its partials: publishes them and counts
+// the block done on its row (`done`: the row's counter, zeroed before the launch). True in the
+// row's last block to finish (the same in all its threads), which then sees every split's
+// partials through load_split<true>. The counter is left at gridDim.x (a fresh one every call).
+__device__ __forceinline__ bool last_split_block(int* done) {
+  __shared__ bool last;
+  __threadfence();  // this block's partials are visible device-wide before it counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // Value errors of one split block (the out-of-range rule has already been applied): each page
 // slot of the split once (the caller passes head chunk 0 only), seq_lens[b] once per batch row.
 // Shared by the CUDA-core and the tensor-core split kernels.
@@ -60,6 +216,7 @@ __global__ void __launch_bounds__(apply_detail::kThreads, 2)
   __shared__ int64_t key_offset[kTile];                // -1 marks a token not attended
   __shared__ int64_t value_offset[kTile];
   __shared__ float running_max[kMaxHeads], running_sum[kMaxHeads], rescale[kMaxHeads];
+  __shared__ MergeShared<kMaxHeads> merge;
 
   const int64_t group = p.q_heads / p.kv_heads, dim = p.dim;
   const int64_t chunk = blockIdx.y % p.head_chunks;
@@ -204,7 +361,8 @@ __global__ void __launch_bounds__(apply_detail::kThreads, 2)
     __syncthreads();
   }
 
-  // Sum the stripes' accumulators in a fixed order (deterministic), then write the partials.
+  // Sum the stripes' accumulators in a fixed order (deterministic), then write the partials (or,
+  // with one split, the output).
   float* reduced = shared_query;
   for (int64_t stripe = 0; stripe < stripes; ++stripe) {
     if (my_stripe == stripe) {
@@ -221,65 +379,69 @@ __global__ void __launch_bounds__(apply_detail::kThreads, 2)
     }
     __syncthreads();
   }
-  for (int64_t i = threadIdx.x; i < int64_t(heads) * dim; i += blockDim.x) {
-    const int64_t g = i / dim, d = i % dim;
-    const int64_t out_row = b * p.q_heads + first_head + g;
-    p.partial_acc[(out_row * p.splits + split) * dim + d] = reduced[i];
-  }
-  if (threadIdx.x < heads) {
-    const int64_t out_row = b * p.q_heads + first_head + threadIdx.x;
-    p.partial_max[out_row * p.splits + split] = running_max[threadIdx.x];
-    p.partial_sum[out_row * p.splits + split] = running_sum[threadIdx.x];
-  }
   if (p.value_errors != nullptr && chunk == 0)
     report_split_value_errors(p, index_list, slot_begin, slot_end, total_pages, b, split, index_head);
+  const int64_t first_row = b * p.q_heads + first_head;
+  if (p.splits == 1 && !p.separate_merge) {  // the block's results are the output rows
+    const SplitView own{running_max, running_sum, reduced, 1, dim};
+    merge_splits<T, kMaxHeads, kThreads, kMaxDim, false>(p, first_row, heads, 1, own, merge);
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < int64_t(heads) * dim; i += blockDim.x) {
+    const int64_t g = i / dim, d = i % dim;
+    p.partial_acc[((first_row + g) * p.splits + split) * dim + d] = reduced[i];
+  }
+  if (threadIdx.x < heads) {
+    p.partial_max[(first_row + threadIdx.x) * p.splits + split] = running_max[threadIdx.x];
+    p.partial_sum[(first_row + threadIdx.x) * p.splits + split] = running_sum[threadIdx.x];
+  }
+  if (p.separate_merge || !last_split_block(p.split_done + blockIdx.y)) return;
+  const SplitView partials{p.partial_max + first_row * p.splits, p.partial_sum + first_row * p.splits,
+                           p.partial_acc + first_row * p.splits * dim, p.splits, p.splits * dim};
+  merge_splits<T, kMaxHeads, kThreads, kMaxDim, true>(p, first_row, heads, p.splits, partials, merge);
 }
 
-// One block per (b, query head): the exact combination of the splits.
+// One block per (b, query head): the exact combination of the splits, when they are merged by a
+// kernel of their own (SparseApplyParams::separate_merge).
+constexpr int kApplyMergeThreads = 128;
+
 template <typename T>
-__global__ void sparse_apply_merge_kernel(SparseApplyParams p) {
-  using namespace apply_detail;
-  __shared__ float weight[kMaxSplits];
-  __shared__ float total_sum, total_lse;
-  const int64_t out_row = blockIdx.x;
-  const float* maxes = p.partial_max + out_row * p.splits;
-  const float* sums = p.partial_sum + out_row * p.splits;
-  if (threadIdx.x == 0) {
-    float m = -INFINITY;
-    for (int64_t s = 0; s < p.splits; ++s) m = fmax32(m, maxes[s]);
-    float l = 0.f;
-    for (int64_t s = 0; s < p.splits; ++s) {
-      const float w = maxes[s] == -INFINITY ? 0.f : expf(maxes[s] - m);
-      weight[s] = w;
-      l += w * sums[s];
-    }
-    total_sum = l;
-    total_lse = l > 0.f ? m + logf(l) : -INFINITY;
-  }
-  __syncthreads();
-  const float inv = total_sum > 0.f ? 1.f / total_sum : 0.f;
-  T* out = static_cast<T*>(p.out) + out_row * p.dim;
-  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t s = 0; s < p.splits; ++s)
-      acc += weight[s] * p.partial_acc[(out_row * p.splits + s) * p.dim + d];
-    out[d] = static_cast<T>(acc * inv);
-  }
-  if (threadIdx.x == 0) p.lse[out_row] = total_lse;
+__global__ void __launch_bounds__(kApplyMergeThreads) sparse_apply_merge_kernel(SparseApplyParams p) {
+  __shared__ MergeShared<1> merge;
+  const int64_t row = blockIdx.x;
+  const SplitView partials{p.partial_max + row * p.splits, p.partial_sum + row * p.splits,
+                           p.partial_acc + row * p.splits * p.dim, p.splits, p.splits * p.dim};
+  merge_splits<T, 1, kApplyMergeThreads, apply_detail::kMaxDim, false>(p, row, 1, p.splits, partials,
+                                                                        merge);
+}
+
+// For both split kernels' launchers: a merge in the split kernel needs its counters (splits > 1).
+inline gpu::Error check_split_merge(const SparseApplyParams& p) {
+  if (!p.separate_merge && p.splits > 1 && p.split_done == nullptr) return gpu::kInvalidValue;
+  return gpu::kSuccess;
+}
+
+// The separate merge kernel, when asked for (after either split kernel).
+template <typename T>
+gpu::Error launch_separate_merge(const SparseApplyParams& p, gpu::Stream stream) {
+  if (!p.separate_merge || p.batch * p.q_heads == 0) return gpu::kSuccess;
+  sparse_apply_merge_kernel<T>
+      <<<static_cast<unsigned>(p.batch * p.q_heads), kApplyMergeThreads, 0, stream>>>(p);
+  return gpu::last_error();
 }
 
 template <typename T, int VEC, int kMaxHeads>
 gpu::Error launch_sparse_apply(const SparseApplyParams& p, gpu::Stream stream) {
   const int64_t rows = p.batch * p.index_heads * p.head_chunks;
   if (rows > 0) {
+    const gpu::Error checked = check_split_merge(p);
+    if (checked != gpu::kSuccess) return checked;
     const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(rows));
     sparse_apply_split_kernel<T, VEC, kMaxHeads><<<grid, apply_detail::kThreads, 0, stream>>>(p);
     const gpu::Error e = gpu::last_error();
     if (e != gpu::kSuccess) return e;
   }
-  if (p.batch * p.q_heads == 0) return gpu::kSuccess;
-  sparse_apply_merge_kernel<T><<<static_cast<unsigned>(p.batch * p.q_heads), 128, 0, stream>>>(p);
-  return gpu::last_error();
+  return launch_separate_merge<T>(p, stream);
 }
 
 }  // namespace memops

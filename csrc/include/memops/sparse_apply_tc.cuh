@@ -11,7 +11,7 @@
 // P^T is moved from the accumulator layout to the B-fragment layout by an 8x8 register
 // transpose. P is rounded to the cache's 16-bit type for the second product (as FlashAttention
 // does); the softmax denominator sums the float32 values. The warps of a block are merged at the
-// end, the splits by sparse_apply_merge_kernel.
+// end, the splits by the row's last split block (merge_splits, as the portable kernel).
 #pragma once
 
 #include "memops/mma.cuh"
@@ -44,6 +44,8 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
   __shared__ int64_t token_offset[kWarps][2][kTileTokens];  // K, V element offsets; -1 masked
   __shared__ float merge_max[kWarps][kMaxHeads], merge_sum[kWarps][kMaxHeads];
   __shared__ float merge_acc[kWarps][kMaxHeads][D];
+  __shared__ float block_max[kMaxHeads], block_sum[kMaxHeads];  // one split: the block's results
+  __shared__ MergeShared<kMaxHeads> merge;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -208,42 +210,66 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
     }
   }
   __syncthreads();
+  // One split (and the merge in this kernel): the block's results stay in shared memory, the
+  // accumulators in merge_acc[0] (each element is read and then written by the same thread).
+  const bool own_output = p.splits == 1 && !p.separate_merge;
+  const int64_t first_row = b * p.q_heads + first_head;
   for (int i = threadIdx.x; i < heads * D; i += kThreads) {
     const int head = i / D, d = i % D;
-    float block_max = -INFINITY;
+    float warps_max = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) block_max = fmax32(block_max, merge_max[w][head]);
+    for (int w = 0; w < kWarps; ++w) warps_max = fmax32(warps_max, merge_max[w][head]);
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float weight = merge_max[w][head] == -INFINITY ? 0.f
-                                                           : exp2f(merge_max[w][head] - block_max);
+                                                           : exp2f(merge_max[w][head] - warps_max);
       total += weight * merge_acc[w][head][d];
     }
-    const int64_t out_row = b * p.q_heads + first_head + head;
-    p.partial_acc[(out_row * p.splits + split) * D + d] = total;
+    const int64_t out_row = first_row + head;
+    if (own_output)
+      merge_acc[0][head][d] = total;
+    else
+      p.partial_acc[(out_row * p.splits + split) * D + d] = total;
     if (d == 0) {
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float weight = merge_max[w][head] == -INFINITY
                                  ? 0.f
-                                 : exp2f(merge_max[w][head] - block_max);
+                                 : exp2f(merge_max[w][head] - warps_max);
         sum += weight * merge_sum[w][head];
       }
-      p.partial_max[out_row * p.splits + split] =
-          block_max == -INFINITY ? -INFINITY : block_max * kLn2;
-      p.partial_sum[out_row * p.splits + split] = sum;
+      const float natural_max = warps_max == -INFINITY ? -INFINITY : warps_max * kLn2;
+      if (own_output) {
+        block_max[head] = natural_max;
+        block_sum[head] = sum;
+      } else {
+        p.partial_max[out_row * p.splits + split] = natural_max;
+        p.partial_sum[out_row * p.splits + split] = sum;
+      }
     }
   }
   if (p.value_errors != nullptr && chunk == 0)
     report_split_value_errors(p, index_list, slot_begin, slot_end, total_pages, b, split, index_head);
+  if (own_output) {
+    __syncthreads();
+    const SplitView own{block_max, block_sum, &merge_acc[0][0][0], 1, D};
+    merge_splits<T, kMaxHeads, kThreads, D, false>(p, first_row, heads, 1, own, merge);
+    return;
+  }
+  if (p.separate_merge || !last_split_block(p.split_done + blockIdx.y)) return;
+  const SplitView partials{p.partial_max + first_row * p.splits, p.partial_sum + first_row * p.splits,
+                           p.partial_acc + first_row * p.splits * D, p.splits, p.splits * D};
+  merge_splits<T, kMaxHeads, kThreads, D, true>(p, first_row, heads, p.splits, partials, merge);
 }
 
 template <typename T>
 gpu::Error launch_sparse_apply_tc(const SparseApplyParams& p, gpu::Stream stream) {
   const int64_t rows = p.batch * p.index_heads * p.head_chunks;
   if (rows > 0) {
+    const gpu::Error checked = check_split_merge(p);
+    if (checked != gpu::kSuccess) return checked;
     const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(rows));
     if (p.dim == 64)
       sparse_apply_tc_kernel<T, 64><<<grid, apply_tc::kThreads, 0, stream>>>(p);
@@ -252,9 +278,7 @@ gpu::Error launch_sparse_apply_tc(const SparseApplyParams& p, gpu::Stream stream
     const gpu::Error e = gpu::last_error();
     if (e != gpu::kSuccess) return e;
   }
-  if (p.batch * p.q_heads == 0) return gpu::kSuccess;
-  sparse_apply_merge_kernel<T><<<static_cast<unsigned>(p.batch * p.q_heads), 128, 0, stream>>>(p);
-  return gpu::last_error();
+  return launch_separate_merge<T>(p, stream);
 }
 
 }  // namespace memops
