@@ -1,5 +1,5 @@
-"""sparse_apply's split merge in the split kernel (the default) against the separate merge kernel
-(``MEMOPS_CUDA_FUSED_MERGE=0``), tensor-core and portable kernels, as CUDA-graph replays at the
+"""sparse_apply's split merge in the split kernel (``MEMOPS_CUDA_FUSED_MERGE=1``) against the
+separate merge kernel (the default), tensor-core and portable kernels, as CUDA-graph replays at the
 decode cells of issue 11 (bf16, page 16); fused and separate must give the same bits.
 
     PYTHONPATH=$PWD python benchmarks/bench_apply_merge.py OUT_DIR     # GPU; writes OUT_DIR/applymerge.json
@@ -30,8 +30,8 @@ for model, Hq, Hkv, B, S, budget in cells:
     idx = torch.rand(B, Hkv, N, device="cuda").topk(k, dim=-1).indices.sort(-1).values.int()
     apply = lambda: ops.sparse_apply(query, keys, values, idx, P)  # noqa: E731
     row = {"cell": f"{model} B{B} {S // 1024}K budget {budget}"}
-    for name, switches in [("fused", {}), ("separate", {"MEMOPS_CUDA_FUSED_MERGE": "0"}),
-                           ("portable fused", {"MEMOPS_CUDA_TENSOR_CORES": "0"}),
+    for name, switches in [("fused", {"MEMOPS_CUDA_FUSED_MERGE": "1"}), ("separate", {"MEMOPS_CUDA_FUSED_MERGE": "0"}),
+                           ("portable fused", {"MEMOPS_CUDA_TENSOR_CORES": "0", "MEMOPS_CUDA_FUSED_MERGE": "1"}),
                            ("portable separate", {"MEMOPS_CUDA_TENSOR_CORES": "0",
                                                   "MEMOPS_CUDA_FUSED_MERGE": "0"})]:
         with contextlib.ExitStack() as stack:

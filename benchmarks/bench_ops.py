@@ -132,14 +132,14 @@ def bench_attention_shapes(report: Report, batches, lengths, budget: int, flashi
                     report.add(Row(f"sparse_apply budget={budget} [portable kernels]", shape,
                                    median_ms(apply), apply_bytes,
                                    short_kernel_names(kernel_times_us(apply))))
-                # The splits merged by a kernel of their own (the previous version) next to the
-                # default merge in the split kernel's last block, eager and as a CUDA graph (where
-                # the launch it saves shows); the fused graph row comes with FlashInfer's if on.
-                with cuda_switch("MEMOPS_CUDA_FUSED_MERGE", "0"):
-                    report.add(Row(f"sparse_apply budget={budget} [separate merge]", shape,
+                # The opt-in merge in the split kernel's last block next to the default merge
+                # kernel, eager and as a CUDA graph (where the launch it saves would show); the
+                # default's graph row comes with FlashInfer's if on.
+                with cuda_switch("MEMOPS_CUDA_FUSED_MERGE", "1"):
+                    report.add(Row(f"sparse_apply budget={budget} [fused merge]", shape,
                                    median_ms(apply), apply_bytes,
                                    short_kernel_names(kernel_times_us(apply))))
-                    report.add(Row(f"sparse_apply budget={budget} [separate merge], CUDA graph",
+                    report.add(Row(f"sparse_apply budget={budget} [fused merge], CUDA graph",
                                    shape, median_ms(graph_replay(apply)), apply_bytes))
                 if not flashinfer:
                     report.add(Row(f"sparse_apply budget={budget}, CUDA graph", shape,

@@ -476,8 +476,8 @@ def test_sparse_apply_seq_lens_out_of_range_is_clamped():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-# The split merge: by the last split block of each row (default) or by a kernel of its own
-# (MEMOPS_CUDA_FUSED_MERGE=0). Splits are planned from shapes: k = 4 pages of 16 tokens is one
+# The split merge: by a kernel of its own (default) or by the last split block of each row
+# (MEMOPS_CUDA_FUSED_MERGE=1). Splits are planned from shapes: k = 4 pages of 16 tokens is one
 # split in both kernels (<= 128 tokens portable, <= 64 tensor cores); k = 300 at batch 1 is tens
 # of splits (each about 128 or 64 tokens), at batch 8 a few.
 SPLIT_KERNELS = [(torch.bfloat16, "1"), (torch.bfloat16, "0"), (torch.float32, "1")]
@@ -524,9 +524,9 @@ def test_sparse_apply_split_merge(dtype, tensor_cores, B, hq_hkv, k, monkeypatch
                                        device=DEV))
     for lens in lens_cases:
         check_attention(query, k_cache, v_cache, idx, P, lens)
-        fused = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
-        monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "0")
         separate = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
+        monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "1")
+        fused = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=lens)
         monkeypatch.delenv("MEMOPS_CUDA_FUSED_MERGE")
         # The same merge code in both: the same bits.
         assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
@@ -536,19 +536,21 @@ def test_sparse_apply_split_merge(dtype, tensor_cores, B, hq_hkv, k, monkeypatch
 @pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
 @pytest.mark.parametrize("k", [4, 300], ids=["one-split", "many-splits"])
 def test_sparse_apply_merge_switch_launches(dtype, tensor_cores, k, monkeypatch):
-    """The default is one kernel (its name shows which split kernel ran); the switch adds the
-    separate merge kernel. Guards the bit-equality test above against a switch that does nothing."""
+    """The default launches the split kernel (its name shows which ran) and the merge kernel; the
+    opt-in fused merge only the split kernel. Guards the bit-equality test above against a switch
+    that does nothing."""
     monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
     query, k_cache, v_cache, idx, P = split_merge_inputs(1, 32, 8, dtype, k)
     call = lambda: ops.sparse_apply(query, k_cache, v_cache, idx, P)  # noqa: E731
-    fused = kernel_names(call)
+    separate = kernel_names(call)
     split_kernel = "sparse_apply_tc_kernel" if tensor_cores == "1" and dtype != torch.float32 \
         else "sparse_apply_split_kernel"
+    assert any(split_kernel in n for n in separate), separate
+    assert any("sparse_apply_merge_kernel" in n for n in separate), separate
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "1")
+    fused = kernel_names(call)
     assert any(split_kernel in n for n in fused), fused
     assert not any("sparse_apply_merge_kernel" in n for n in fused), fused
-    monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "0")
-    separate = kernel_names(call)
-    assert any("sparse_apply_merge_kernel" in n for n in separate), separate
 
 
 @pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
@@ -581,6 +583,7 @@ def test_sparse_apply_merge_paths_report_value_errors(dtype, tensor_cores, k, fu
 def test_sparse_apply_fused_merge_replays_in_a_cuda_graph(dtype, tensor_cores, monkeypatch):
     """Many splits: the per-row counters are zeroed inside the graph, so every replay merges."""
     monkeypatch.setenv("MEMOPS_CUDA_TENSOR_CORES", tensor_cores)
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_MERGE", "1")
     B, Hq, Hkv, k = 1, 32, 8, 300
     static = list(split_merge_inputs(B, Hq, Hkv, dtype, k)[:4])
     P = 16

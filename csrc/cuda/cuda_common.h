@@ -73,13 +73,18 @@ inline int grid_limit(int blocks_per_sm) {
 }
 
 // Switches for benchmarks and bisection, read at every call (so a process can compare both
-// paths): unset or anything but "0" means on.
+// paths). env_switch: unset or anything but "0" means on; env_opt_in: set and not "0" means on.
 //   MEMOPS_CUDA_TENSOR_CORES=0   the portable CUDA-core kernels for every dtype
 //   MEMOPS_CUDA_FUSED_SELECT=0   topk_relevancy selects in a kernel of its own
-//   MEMOPS_CUDA_FUSED_MERGE=0    sparse_apply merges its splits in a kernel of their own
+//   MEMOPS_CUDA_FUSED_MERGE=1    sparse_apply merges its splits in the split kernel's last block
+//                                (opt-in: slower than the merge kernel on the H200, docs/cuda.md)
 inline bool env_switch(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr || std::string(value) != "0";
+}
+inline bool env_opt_in(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::string(value) != "0";
 }
 
 // The tensor-core kernels (mma.m16n8k16 with bf16, movmatrix) need sm_80 or newer. The

@@ -68,11 +68,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   TORCH_CHECK(B * p.index_heads * p.head_chunks <= 65535, "memops.sparse_apply: the CUDA "
               "kernel supports at most 65535 (batch, head) rows, got ",
               B * p.index_heads * p.head_chunks);
-  // The splits are merged by each row's last split block (one split: its block writes the
-  // output); MEMOPS_CUDA_FUSED_MERGE=0 merges them in a kernel of their own. Partials and the
-  // per-row counters (zeroed here, a memset) are sized by shapes only, so the op stays
-  // capturable in a CUDA graph; nothing is kept between calls.
-  p.separate_merge = !env_switch("MEMOPS_CUDA_FUSED_MERGE");
+  // The splits are merged by a kernel of their own; MEMOPS_CUDA_FUSED_MERGE=1 merges them in
+  // each row's last split block instead (one split: its block writes the output), which the H200
+  // measured slower (the last block merges the whole row alone). Partials and the per-row
+  // counters (zeroed here, a memset) are sized by shapes only, so the op stays capturable in a
+  // CUDA graph; nothing is kept between calls.
+  p.separate_merge = !env_opt_in("MEMOPS_CUDA_FUSED_MERGE");
   at::Tensor partial_acc, partial_stats, split_done;
   if (p.splits > 1 || p.separate_merge) {
     partial_acc = at::empty({B * Hq, p.splits, D}, query.options().dtype(at::kFloat));
