@@ -141,11 +141,11 @@ def bench_attention_shapes(report: Report, batches, lengths, budget: int, flashi
                                    short_kernel_names(kernel_times_us(apply))))
                     report.add(Row(f"sparse_apply budget={budget} [fused merge], CUDA graph",
                                    shape, median_ms(graph_replay(apply)), apply_bytes))
-                if not flashinfer:
-                    report.add(Row(f"sparse_apply budget={budget}, CUDA graph", shape,
-                                   median_ms(graph_replay(apply)), apply_bytes))
                 if flashinfer:
                     flashinfer_attention_rows(report, shape, query, keys, values, idx, scores, kp, budget)
+                else:
+                    report.add(Row(f"sparse_apply budget={budget}, CUDA graph", shape,
+                                   median_ms(graph_replay(apply)), apply_bytes))
                 report.add(Row("sparse_apply dense (indices=None)", shape,
                                median_ms(lambda: ops.sparse_apply(query, keys, values, None, PAGE)),
                                2 * B * Hkv * S * D * ELEM + 2 * B * Hq * D * ELEM))

@@ -207,8 +207,12 @@ def test_host_memory_is_one_placement_priced_from_its_own_ops():
     assert got["runnable_here"] == plan.predict(costs, Placement("gpu", "gpu", "gpu", "gpu"))["runnable_here"]
     with pytest.raises(ValueError, match="memory 'host' is read in place by the model's device 'gpu'"):
         plan.predict(costs, Placement("cpu", "gpu", "host", "gpu"))
-    config = plan.config_for_placement(Placement("gpu", "gpu", "host", "gpu"), "gpu", method="quest",
-                                       token_budget=64, page_size=8)
+    from torch_memops import hf
+
+    base = hf.MemopsConfig(method="quest", token_budget=64, page_size=8)
+    config = plan.config_for_placement(Placement("gpu", "gpu", "host", "gpu"), "gpu", base)
     assert config.offload == "host" and set(config.placement.values()) == {"auto"}
-    split = plan.config_for_placement(Placement("gpu", "cpu", "gpu", "gpu"), "gpu", token_budget=64, page_size=8)
+    assert (config.method, config.token_budget, config.page_size) == ("quest", 64, 8)
+    split = plan.config_for_placement(Placement("gpu", "cpu", "gpu", "gpu"), "gpu", base)
     assert split.offload is None and split.placement["relevancy"] == "cpu" and split.placement["apply"] == "auto"
+    assert (split.token_budget, split.page_size) == (64, 8)

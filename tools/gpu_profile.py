@@ -59,8 +59,8 @@ def ratio_lines(rows: list) -> list:
     lines = []
     for key in dict.fromkeys((r["context"], r["batch"]) for r in rows):
         cell = [r for r in rows if (r["context"], r["batch"]) == key]
-        dense = [r for r in cell if r["label"].startswith("dense")]
-        ours = [r for r in cell if not r["label"].startswith("dense")]
+        dense = [r for r in cell if r["dense"]]
+        ours = [r for r in cell if not r["dense"]]
         if not dense or not ours:
             continue
         quest = ours[-1]
@@ -135,7 +135,8 @@ def main() -> None:
                                               path=path, sample_every=args.sample_every)
                 pair.append(report)
                 row = workload.summary_row(report)
-                row.update(context=context, batch=batch, timed=_timed(report), warmup=report["warmup"]["runs"])
+                row.update(context=context, batch=batch, timed=_timed(report), warmup=report["warmup"]["runs"],
+                           dense=cfg is None)
                 rows.append(row)
                 print(f"{row['label']} [{row['path']}, warm-up {report['warmup']['seconds']:.1f} s not reported, "
                       f"steps timed on {row['timed']} tokens]: {row['decode_ms_per_token']['total']:.2f} ms/token, "
@@ -202,11 +203,9 @@ def main() -> None:
                 runnable.append(placement)
 
         def measure(placement):
-            cfg = plan.config_for_placement(placement, dev, method="quest", page_size=16, token_budget=args.budget,
-                                            dense_layers=2)
-            start = time.time()
-            report = workload.profile_run(cell, cfg, args.new_tokens, label=placement.label(),
-                                          sample_every=args.sample_every)
+            start = time.time()  # the planner's own config (fitted and calibrated on), placed
+            report = workload.profile_run(cell, plan.config_for_placement(placement, dev, config), args.new_tokens,
+                                          label=placement.label(), sample_every=args.sample_every)
             print(f"validated {placement.label()}: measured {report['phases']['decode']['per_token_ms']['total']:.2f} "
                   f"ms/token ({time.time() - start:.0f} s)", flush=True)
             return report

@@ -555,14 +555,12 @@ def _calibrate_host_memory(table: CostTable, shape: DecodeShape, keys_h, values_
     table.sources[HOST_MEMORY] = f"measured: {device} reading pinned host memory in place"
 
 
-def config_for_placement(placement: Placement, model_device: str, **config):
-    """The ``MemopsConfig`` that runs ``placement`` (the model's device spelled ``auto``)."""
-    from torch_memops import hf
-
+def config_for_placement(placement: Placement, model_device: str, base):
+    """``base`` (a ``MemopsConfig``) running ``placement`` (the model's device spelled ``auto``)."""
     if placement.retrieval == HOST_MEMORY:
-        return hf.MemopsConfig(offload="host", **config)
+        return dataclasses.replace(base, offload="host", placement={})
     placed = {step: (d if d != model_device else "auto") for step, d in placement.as_dict().items()}
-    return hf.MemopsConfig(placement=placed, **config)
+    return dataclasses.replace(base, offload=None, placement=placed)
 
 
 def fit_step_overhead(costs: CostTable, report: dict) -> None:
@@ -786,10 +784,8 @@ def plan_command(args) -> dict:
             runnable.append(fitted)
 
         def measure(placement: Placement) -> dict:
-            base = wl.memops_config(args, {})
-            placed = config_for_placement(placement, model_device, method=base.method, page_size=base.page_size,
-                                          token_budget=base.token_budget, dense_layers=base.dense_layers)
-            return wl.profile_run(work, placed, args.new_tokens, label=placement.label())
+            return wl.profile_run(work, config_for_placement(placement, model_device, config), args.new_tokens,
+                                  label=placement.label())
 
         result["validation"] = validate(costs, measure, runnable)
     calibrated = ", ".join(f"{d} ({costs.sources.get(d, '')})" for d in devices)

@@ -25,6 +25,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from .config import STEPS
 from .storage import LayerStorage
 
 # __cuda_array_interface__ type strings by element size: the alias is made as an integer tensor
@@ -71,7 +72,7 @@ class MappedLayerStorage(LayerStorage):
         if self.mapped and not pin_memory:
             raise ValueError("MemopsConfig(offload='host', pin_memory=False): the GPU reads the host buffers in "
                              "place, which needs page-locked memory; use pin_memory=True or offload='host_gather'")
-        devices: Dict[str, torch.device] = {step: device for step in ("prepare", "relevancy", "retrieval", "apply")}
+        devices: Dict[str, torch.device] = {step: device for step in STEPS}
         super().__init__(method=method, page_size=page_size, sparse=True, devices=devices,
                          key_states=key_states, value_states=value_states, capacity=capacity)
 
