@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick]
 
-For each shape, in the same run: dense decode through every F.scaled_dot_product_attention
+For each shape, in the same run: our step as two ops (topk_relevancy + sparse_apply, eager and
+in a CUDA graph) and as one (topk_sparse_apply, one kernel launch, CUDA graph), dense decode through every F.scaled_dot_product_attention
 backend that runs, our sparse_apply(indices=None), the pure-PyTorch Quest pipeline (vectorised
 torch code with reference.py's semantics; reference.py's own loops are far too slow at these
 sizes) eager and under torch.compile, and, when ``import flashinfer`` works, FlashInfer in the
@@ -70,6 +71,12 @@ def quest_torch(query, summary, k_cache, v_cache, budget_pages: int):
 def memops_step(query, summary, k_cache, v_cache, budget_pages: int):
     _, idx = ops.topk_relevancy(query, summary, budget_pages, sink_pages=SINK_PAGES, recent_pages=RECENT_PAGES)
     return ops.sparse_apply(query, k_cache, v_cache, idx, PAGE)
+
+
+def memops_one_launch(query, summary, k_cache, v_cache, budget_pages: int):
+    """The same step as one op (topk_sparse_apply: one kernel launch on CUDA)."""
+    return ops.topk_sparse_apply(query, summary, k_cache, v_cache, budget_pages, PAGE, sink_pages=SINK_PAGES,
+                                 recent_pages=RECENT_PAGES)
 
 
 def dense_rows(report, shape, query, k_cache, v_cache) -> dict[str, float]:
@@ -231,6 +238,16 @@ def main() -> None:
                            {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
                             "pct_of_ideal": round(100 * fastest / ms / ideal, 1),
                             "vs": fastest_name}))
+            def one_launch():
+                return memops_one_launch(query, summary, k_cache, v_cache, kp)
+
+            two_op_out = memops_step(query, summary, k_cache, v_cache, kp)[0]
+            agree = (one_launch().out.float() - two_op_out.float()).abs().max().item()
+            ms = median_ms(graph_replay(one_launch))
+            report.add(Row("memops one-launch step (topk_sparse_apply), CUDA graph", cell, ms, nbytes,
+                           {"speedup": round(fastest / ms, 2), "ideal": round(ideal, 2),
+                            "pct_of_ideal": round(100 * fastest / ms / ideal, 1), "vs": fastest_name,
+                            "max_abs_diff_vs_two_ops": agree, **short_kernel_names(kernel_times_us(one_launch))}))
             ms = median_ms(lambda: quest_torch(query, summary, k_cache, v_cache, kp))
             report.add(Row("torch Quest eager", cell, ms, nbytes,
                            {"speedup": round(fastest / ms, 2)}))

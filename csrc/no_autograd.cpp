@@ -43,8 +43,9 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memops, Autograd, m) {
-  for (const char* name : {"prepare_memory", "prepare_memory_", "topk_relevancy",
-                           "gather_retrieve", "sparse_apply", "merge_attention"})
+  for (const char* name : {"prepare_memory", "prepare_memory_", "prepare_memory_int8",
+                           "prepare_memory_int8_", "topk_relevancy",
+                           "gather_retrieve", "sparse_apply", "topk_sparse_apply", "merge_attention"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
 }
 

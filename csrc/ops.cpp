@@ -38,6 +38,13 @@ TORCH_LIBRARY(memops, m) {
   m.def(
       "sparse_apply(Tensor query, Tensor k_cache, Tensor v_cache, Tensor? indices, "
       "int page_size, *, Tensor? seq_lens=None, float? scale=None) -> (Tensor, Tensor)");
+  // topk_relevancy then sparse_apply over its selection, one op: the CUDA backend runs the
+  // decode step of a layer in one launch (topk_sparse_apply_tc.cuh), the others run both ops.
+  m.def(
+      "topk_sparse_apply(Tensor query, Tensor summary, Tensor k_cache, Tensor v_cache, int k, "
+      "int page_size, *, str mode=\"bound\", Tensor? num_pages=None, Tensor? seq_lens=None, "
+      "int sink_pages=0, int recent_pages=0, str group_reduce=\"max\", float? scale=None, "
+      "Tensor? summary_scales=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
       "-> (Tensor, Tensor)");

@@ -195,8 +195,7 @@ void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, in
                           int64_t sink_pages, int64_t recent_pages,
                           const std::string& group_reduce,
                           const std::optional<at::Tensor>& weights,
-                          const std::optional<at::Tensor>& summary_scales) {
-  const char* op = "topk_relevancy";
+                          const std::optional<at::Tensor>& summary_scales, const char* op) {
   check_dim(op, "query", query, 3, "[B, Hq, D]");
   check_dim(op, "summary", summary, 5, "[B, Hkv, N, R, D]");
   check_float(op, "query", query);
@@ -299,8 +298,7 @@ void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, 
 void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const std::optional<at::Tensor>& indices,
                         int64_t page_size, const std::optional<at::Tensor>& seq_lens,
-                        std::optional<double> scale) {
-  const char* op = "sparse_apply";
+                        std::optional<double> scale, const char* op) {
   check_dim(op, "query", query, 3, "[B, Hq, D]");
   check_dim(op, "k_cache", k_cache, 4, "[B, Hkv, S, D]");
   check_dim(op, "v_cache", v_cache, 4, "[B, Hkv, S, D]");
@@ -409,6 +407,33 @@ void check_indices_values(const char* op, const at::Tensor& indices, int64_t num
     TORCH_CHECK_VALUE(p[i] >= -1 && p[i] < num_pages_total, "memops.", op,
                       ": `indices` holds page ", p[i], " (flat position ", i,
                       "), outside [-1, N) = [-1, ", num_pages_total, ")");
+}
+
+void check_topk_sparse_apply(const at::Tensor& query, const at::Tensor& summary,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t k,
+                             int64_t page_size, const std::string& mode,
+                             const std::optional<at::Tensor>& num_pages,
+                             const std::optional<at::Tensor>& seq_lens, int64_t sink_pages,
+                             int64_t recent_pages, const std::string& group_reduce,
+                             std::optional<double> scale,
+                             const std::optional<at::Tensor>& summary_scales) {
+  const char* op = "topk_sparse_apply";
+  TORCH_CHECK_VALUE(mode == "bound" || mode == "dot", "memops.", op,
+                    ": `mode` must be 'bound' or 'dot' (page scores; the indexer selects tokens: "
+                    "call topk_relevancy and sparse_apply), got '", mode, "'");
+  check_topk_relevancy(query, summary, k, mode, num_pages, sink_pages, recent_pages, group_reduce,
+                       std::nullopt, summary_scales, op);
+  check_sparse_apply(query, k_cache, v_cache, std::nullopt, page_size, seq_lens, scale, op);
+  TORCH_CHECK_VALUE(k <= kMaxCount / page_size, "memops.", op, ": `k` * `page_size` = ", k, " * ",
+                    page_size, " selected tokens per row, more than 2^31 - 1 (token counts are int32)");
+  TORCH_CHECK(summary.size(0) == k_cache.size(0) && summary.size(1) == k_cache.size(1), "memops.",
+              op, ": `summary` [B, Hkv, N, R, D] must match `k_cache` [B, Hkv, S, D] in B and Hkv, "
+              "got ", summary.sizes(), " and ", k_cache.sizes());
+  const int64_t cache_pages = (k_cache.size(2) + page_size - 1) / page_size;
+  TORCH_CHECK(summary.size(2) <= cache_pages, "memops.", op, ": `summary` has N = ",
+              summary.size(2), " pages but `k_cache` holds ceil(S / page_size) = ", cache_pages,
+              " (S = ", k_cache.size(2), ", page_size = ", page_size,
+              "): every page it may select must be in the cache");
 }
 
 }  // namespace memops

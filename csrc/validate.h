@@ -26,7 +26,8 @@ void check_topk_relevancy(const at::Tensor& query, const at::Tensor& summary, in
                           int64_t sink_pages, int64_t recent_pages,
                           const std::string& group_reduce,
                           const std::optional<at::Tensor>& weights,
-                          const std::optional<at::Tensor>& summary_scales = std::nullopt);
+                          const std::optional<at::Tensor>& summary_scales = std::nullopt,
+                          const char* op = "topk_relevancy");
 void check_prepare_memory_int8(const at::Tensor& keys, int64_t page_size,
                                const std::optional<at::Tensor>& seq_lens);
 // The int8 summaries (quantize.h): `summary` int8 [B, Hkv, >= ceil(S/P), 2, D], `scales`
@@ -40,7 +41,19 @@ void check_gather_retrieve(const at::Tensor& memory, const at::Tensor& indices, 
 void check_sparse_apply(const at::Tensor& query, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const std::optional<at::Tensor>& indices,
                         int64_t page_size, const std::optional<at::Tensor>& seq_lens,
-                        std::optional<double> scale = std::nullopt);
+                        std::optional<double> scale = std::nullopt,
+                        const char* op = "sparse_apply");
+// topk_relevancy then sparse_apply over its selection (`mode` bound or dot), in one op: the
+// checks of both (errors name topk_sparse_apply), `summary` of the cache's B and Hkv, and no
+// page of `summary` outside the cache.
+void check_topk_sparse_apply(const at::Tensor& query, const at::Tensor& summary,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t k,
+                             int64_t page_size, const std::string& mode,
+                             const std::optional<at::Tensor>& num_pages,
+                             const std::optional<at::Tensor>& seq_lens, int64_t sink_pages,
+                             int64_t recent_pages, const std::string& group_reduce,
+                             std::optional<double> scale,
+                             const std::optional<at::Tensor>& summary_scales);
 void check_merge_attention(const at::Tensor& out_a, const at::Tensor& lse_a,
                            const at::Tensor& out_b, const at::Tensor& lse_b);
 

@@ -61,6 +61,13 @@ def apply(v, query=None, k_cache=None, v_cache=None, indices="valid", page_size=
                               v.indices if indices == "valid" else indices, page_size), kw
 
 
+def step(v, query=None, summary=None, k_cache=None, v_cache=None, k=K, page_size=P, **kw):
+    return ops.topk_sparse_apply, (v.query if query is None else query,
+                                   v.summary if summary is None else summary,
+                                   v.keys if k_cache is None else k_cache,
+                                   v.values if v_cache is None else v_cache, k, page_size), kw
+
+
 def merge(v, out_a=None, lse_a=None, out_b=None, lse_b=None):
     return ops.merge_attention, (v.out if out_a is None else out_a,
                                  v.lse if lse_a is None else lse_a,
@@ -154,6 +161,17 @@ SHAPE_AND_TYPE_CASES = [
     ("apply/scale-neg-inf", lambda v: apply(v, scale=-math.inf), "`scale`"),
     ("apply/scale-0", lambda v: apply(v, scale=0.0), "`scale`"),
     ("apply/scale-neg", lambda v: apply(v, scale=-0.125), "`scale`"),
+    # topk_sparse_apply: both ops' checks, named for it, and the summary must fit the cache.
+    ("step/mode-indexer", lambda v: step(v, summary=v.index_keys, mode="indexer"), "`mode`"),
+    ("step/summary-batch", lambda v: step(v, summary=v.summary[:1]), "`summary`"),
+    ("step/summary-heads", lambda v: step(v, summary=v.summary[:, :1],
+                                          query=v.query[:, :G]), "`summary`"),
+    ("step/summary-pages", lambda v: step(v, k_cache=v.keys[:, :, :P], v_cache=v.values[:, :, :P]),
+     "`summary` has N"),
+    ("step/v_cache-shape", lambda v: step(v, v_cache=v.values[:, :, :S - 1]), "`v_cache`"),
+    ("step/k-huge", lambda v: step(v, k=2**40), "`k`"),
+    ("step/tokens-huge", lambda v: step(v, k=2**20, page_size=2**12), "`k` \\* `page_size`"),
+    ("step/scale-nan", lambda v: step(v, scale=math.nan), "`scale`"),
     # Only the last dim must be contiguous, in every op.
     ("merge/out_a-last-dim", lambda v: merge(v, out_a=torch.stack([v.out, v.out], -1)[..., 0]),
      "the last dim of `out_a`"),
@@ -173,6 +191,8 @@ VALUE_CASES = [
     ("gather/seq_lens-over", lambda v: gather(v, seq_lens=v.seq_lens + 1), "`seq_lens"),
     ("apply/index-over", lambda v: apply(v, indices=v.indices + N - 2), "`indices`"),
     ("apply/seq_lens-over", lambda v: apply(v, seq_lens=v.seq_lens + S), "`seq_lens"),
+    ("step/num_pages-over", lambda v: step(v, num_pages=v.num_pages + 1), "`num_pages"),
+    ("step/seq_lens-over", lambda v: step(v, seq_lens=v.seq_lens + S), "`seq_lens"),
 ]
 
 
@@ -193,6 +213,8 @@ DEVICE_MIX_CASES = [
     ("apply/k_cache", lambda v, o: apply(v, k_cache=v.keys.to(o)), "`k_cache`"),
     ("apply/indices", lambda v, o: apply(v, indices=v.indices.to(o)), "`indices`"),
     ("merge/lse_b", lambda v, o: merge(v, lse_b=v.lse.to(o)), "`lse_b`"),
+    ("step/v_cache", lambda v, o: step(v, v_cache=v.values.to(o)), "`v_cache`"),
+    ("step/seq_lens", lambda v, o: step(v, seq_lens=v.seq_lens.to(o)), "`seq_lens`"),
 ]
 
 

@@ -52,6 +52,11 @@ def samples(dtype):
         (m.sparse_apply, (query, keys, values, ascending_indices(B, HKV * G, 2, N), P),
          {"seq_lens": seq_lens, "scale": 0.25}),
         (m.sparse_apply, (query, keys, values, None, P), {"seq_lens": seq_lens}),
+        (m.topk_sparse_apply, (query, summary, keys, values, 3, P), {}),
+        (m.topk_sparse_apply, (query, ops.prepare_memory(keys, P, mode="mean"), keys, values, N + 1, P),
+         {"mode": "dot", "num_pages": torch.tensor([N, 1], dtype=torch.int32), "seq_lens": seq_lens,
+          "sink_pages": 1, "recent_pages": 1, "group_reduce": "sum", "scale": 0.25}),
+        (m.topk_sparse_apply, (query, q8.codes, keys, values, 2, P), {"summary_scales": q8.scales}),
         (m.merge_attention, (out, lse, out.flip(1), lse.flip(1)), {}),
         (m.merge_attention, (out[:, ::2], lse[:, ::2], out[:, 1::2], lse[:, 1::2]), {}),
     ]
@@ -72,7 +77,7 @@ def test_opcheck_every_op(device, dtype):
         torch.library.opcheck(op, args, kwargs)  # all default test_utils
         checked.add(op._qualified_op_name)
     # Every schema: the wrappers' ops, plus the int8 summary ops behind mode="minmax_int8".
-    schemas = {f"memops::{name}" for name in ops.__all__ if name != "QuantizedSummary"}
+    schemas = {f"memops::{name}" for name in ops.__all__ if name not in ("QuantizedSummary", "TopkApplyResult")}
     schemas |= {"memops::prepare_memory_int8", "memops::prepare_memory_int8_"}
     assert checked == schemas, checked
 

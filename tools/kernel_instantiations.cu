@@ -12,6 +12,7 @@
 #include "memops/int8_summary_tc.cuh"
 #include "memops/sparse_apply_tc.cuh"
 #include "memops/topk_relevancy_tc.cuh"
+#include "memops/topk_sparse_apply_tc.cuh"
 #endif
 
 namespace memops {
@@ -77,6 +78,18 @@ int instantiate_tensor_core() {
     ip.pages = 1;
     ip.dim = dim;
     failed += launch_relevancy_int8_tc<T>(ip, SelectParams{}, nullptr, 1, stream) != gpu::kSuccess;
+    for (const RelevancyMode mode : {RelevancyMode::kBound, RelevancyMode::kDot}) {
+      for (const int64_t reps : {1, 2}) {
+        TopkApplyParams sp{};
+        sp.relevancy.batch = 1;
+        sp.relevancy.kv_heads = 1;
+        sp.relevancy.dim = dim;
+        sp.relevancy.mode = mode;
+        sp.relevancy.reps = reps;
+        sp.apply.splits = 1;
+        failed += launch_topk_sparse_apply_tc<T>(sp, 1, stream) != gpu::kSuccess;
+      }
+    }
   }
   return failed;
 }

@@ -15,6 +15,7 @@ from torch_memops.ops import (
     prepare_memory_,
     sparse_apply,
     topk_relevancy,
+    topk_sparse_apply,
 )
 
 __version__ = "0.1.0"

@@ -24,6 +24,8 @@ __all__ = [
     "topk_relevancy",
     "gather_retrieve",
     "sparse_apply",
+    "topk_sparse_apply",
+    "TopkApplyResult",
     "merge_attention",
 ]
 
@@ -298,6 +300,82 @@ def sparse_apply(
     )
 
 
+class TopkApplyResult(NamedTuple):
+    """What :func:`topk_sparse_apply` returns: the attention and the selection it attended.
+
+    Examples
+    --------
+    >>> keys = torch.randn(1, 1, 32, 8)
+    >>> out, lse, scores, indices = topk_sparse_apply(torch.randn(1, 2, 8), prepare_memory(keys, 16),
+    ...                                               keys, keys, 1, 16)
+    >>> out.shape, indices.shape
+    (torch.Size([1, 2, 8]), torch.Size([1, 1, 1]))
+    """
+
+    out: Tensor
+    lse: Tensor
+    scores: Tensor
+    indices: Tensor
+
+
+def topk_sparse_apply(
+    query: Tensor,
+    summary: SummaryLike,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: int,
+    page_size: int,
+    *,
+    mode: str = "bound",
+    num_pages: Optional[Tensor] = None,
+    seq_lens: Optional[Tensor] = None,
+    sink_pages: int = 0,
+    recent_pages: int = 0,
+    group_reduce: str = "max",
+    scale: Optional[float] = None,
+) -> TopkApplyResult:
+    """The decode step of a layer in one op: :func:`topk_relevancy`, then :func:`sparse_apply`
+    over the pages it selected (Relevancy + top-k + Apply).
+
+    Exactly ``scores, indices = topk_relevancy(query, summary, k, mode=mode, num_pages=num_pages,
+    sink_pages=sink_pages, recent_pages=recent_pages, group_reduce=group_reduce)`` followed by
+    ``out, lse = sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens=seq_lens,
+    scale=scale)``. On CUDA (16-bit tensors, D of 64 or 128, up to 8 query heads a kv head, up
+    to 8192 pages, a 16-bit summary) it runs as one kernel launch, which at batch 1 removes the
+    launch latency and ramp of three kernels; elsewhere it runs the two ops.
+
+    Parameters
+    ----------
+    query, summary, k, mode, num_pages, sink_pages, recent_pages, group_reduce
+        As :func:`topk_relevancy`; ``mode`` is ``"bound"`` or ``"dot"`` (page scores).
+    k_cache, v_cache, page_size, seq_lens, scale
+        As :func:`sparse_apply`. ``k_cache`` has the ``B`` and ``Hkv`` of ``summary`` and holds
+        every page of it (``N <= ceil(S / page_size)``).
+
+    Returns
+    -------
+    TopkApplyResult
+        ``(out, lse, scores, indices)``: ``out [B, Hq, D]`` and ``lse float32 [B, Hq]`` as
+        :func:`sparse_apply` returns them, ``scores float32 [B, Hkv, k]`` and ``indices int32
+        [B, Hkv, k]`` as :func:`topk_relevancy` returns them.
+
+    Examples
+    --------
+    >>> keys, values = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+    >>> q = torch.randn(1, 8, 64)
+    >>> step = topk_sparse_apply(q, prepare_memory(keys, 16), keys, values, 4, 16, recent_pages=1)
+    >>> step.out.shape, step.indices.shape, int(step.indices[0, 0, -1])
+    (torch.Size([1, 8, 64]), torch.Size([1, 2, 4]), 15)
+    """
+    summary_scales = None
+    if isinstance(summary, (tuple, list)):
+        summary, summary_scales = summary
+    return TopkApplyResult(*torch.ops.memops.topk_sparse_apply(
+        query, summary, k_cache, v_cache, k, page_size, mode=mode, num_pages=num_pages,
+        seq_lens=seq_lens, sink_pages=sink_pages, recent_pages=recent_pages,
+        group_reduce=group_reduce, scale=scale, summary_scales=summary_scales))
+
+
 def merge_attention(
     out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
 ) -> Tuple[Tensor, Tensor]:
@@ -470,6 +548,25 @@ def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=
                          f"-0.5), got {scale}")
     B, Hq, D = query.shape
     return query.new_empty(B, Hq, D), query.new_empty(B, Hq, dtype=torch.float32)
+
+
+@torch.library.register_fake("memops::topk_sparse_apply")
+def _topk_sparse_apply_fake(query, summary, k_cache, v_cache, k, page_size, *, mode="bound",
+                            num_pages=None, seq_lens=None, sink_pages=0, recent_pages=0,
+                            group_reduce="max", scale=None, summary_scales=None):
+    if mode not in ("bound", "dot"):
+        raise ValueError(f"memops.topk_sparse_apply: `mode` must be 'bound' or 'dot' (page scores; "
+                         f"the indexer selects tokens: call topk_relevancy and sparse_apply), got "
+                         f"'{mode}'")
+    _check_same_device("topk_sparse_apply", query=query, summary=summary, k_cache=k_cache,
+                       v_cache=v_cache, num_pages=num_pages, seq_lens=seq_lens,
+                       summary_scales=summary_scales)
+    scores, indices = _topk_relevancy_fake(query, summary, k, mode=mode, num_pages=num_pages,
+                                           sink_pages=sink_pages, recent_pages=recent_pages,
+                                           group_reduce=group_reduce, summary_scales=summary_scales)
+    out, lse = _sparse_apply_fake(query, k_cache, v_cache, None, page_size, seq_lens=seq_lens,
+                                  scale=scale)
+    return out, lse, scores, indices
 
 
 @torch.library.register_fake("memops::merge_attention")

@@ -29,6 +29,7 @@ __all__ = [
     "topk_relevancy",
     "gather_retrieve",
     "sparse_apply",
+    "topk_sparse_apply",
     "merge_attention",
     "attention",
 ]
@@ -359,6 +360,32 @@ def sparse_apply(
                              compute_dtype)
             out[b, h], lse[b, h] = o, l
     return out.to(query.dtype), lse
+
+
+def topk_sparse_apply(
+    query: Tensor,
+    summary: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: int,
+    page_size: int,
+    *,
+    mode: str = "bound",
+    num_pages: Optional[Tensor] = None,
+    seq_lens: Optional[Tensor] = None,
+    sink_pages: int = 0,
+    recent_pages: int = 0,
+    group_reduce: str = "max",
+    scale: Optional[float] = None,
+    summary_scales: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`topk_relevancy`, then :func:`sparse_apply` over its selection:
+    ``(out, lse, scores, indices)``."""
+    scores, indices = topk_relevancy(query, summary, k, mode=mode, num_pages=num_pages,
+                                     sink_pages=sink_pages, recent_pages=recent_pages,
+                                     group_reduce=group_reduce, summary_scales=summary_scales)
+    out, lse = sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens=seq_lens, scale=scale)
+    return out, lse, scores, indices
 
 
 def merge_attention(

@@ -31,6 +31,11 @@ cudaError_t launch_topk_relevancy_tc(const RelevancyParams& scores, const Select
                                      cudaStream_t stream);
 cudaError_t launch_sparse_apply_tc(const SparseApplyParams& p, ElementType type,
                                    cudaStream_t stream);
+// The decode step in one launch (topk_sparse_apply_tc.cuh): `p` planned by
+// plan_topk_sparse_apply_tc, accepted by topk_sparse_apply_tc_supported, its counters zeroed;
+// `resident_blocks`: two a multiprocessor.
+cudaError_t launch_topk_sparse_apply_tc(const TopkApplyParams& p, ElementType type,
+                                        int resident_blocks, cudaStream_t stream);
 // The int8 summaries (int8_summary.cuh, int8_summary_tc.cuh): `type` is the keys' (prepare) or
 // the query's (scoring) element type; scoring writes float32 scores and selects as the 16-bit
 // paths do (`done`: rows zeroed ints for the fused selection, or nullptr for the separate

@@ -3,9 +3,43 @@
 #include <cmath>
 
 #include "cuda/cuda_common.h"
+#include "cuda/op_params.h"
 #include "validate.h"
 
 namespace memops {
+
+SparseApplyParams sparse_apply_params(const at::Tensor& query, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, const int32_t* indices,
+                                      int64_t index_heads, int64_t slots, const int32_t* seq_lens,
+                                      at::Tensor& out, at::Tensor& lse, int64_t page_size,
+                                      std::optional<double> scale) {
+  SparseApplyParams p{};
+  p.query = query.const_data_ptr();
+  p.k_cache = k_cache.const_data_ptr();
+  p.v_cache = v_cache.const_data_ptr();
+  p.indices = indices;
+  p.seq_lens = seq_lens;
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  p.batch = query.size(0);
+  p.q_heads = query.size(1);
+  p.kv_heads = k_cache.size(1);
+  p.tokens = k_cache.size(2);
+  p.dim = query.size(2);
+  p.page_size = page_size;
+  p.index_heads = index_heads;
+  p.slots = slots;
+  for (int i = 0; i < 2; ++i) p.query_stride[i] = query.stride(i);
+  for (int i = 0; i < 3; ++i) {
+    p.k_stride[i] = k_cache.stride(i);
+    p.v_stride[i] = v_cache.stride(i);
+  }
+  p.value_errors = value_error_word_ptr();
+  p.scale = scale.has_value() ? static_cast<float>(*scale)
+                              : 1.f / std::sqrt(static_cast<float>(p.dim));
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
                                                      const at::Tensor& k_cache,
                                                      const at::Tensor& v_cache,
@@ -31,30 +65,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   at::Tensor idx, lens_holder;
   if (indices.has_value()) idx = indices->contiguous();
 
-  SparseApplyParams p{};
-  p.query = query.const_data_ptr();
-  p.k_cache = k_cache.const_data_ptr();
-  p.v_cache = v_cache.const_data_ptr();
-  p.indices = idx.defined() ? idx.const_data_ptr<int32_t>() : nullptr;
-  p.seq_lens = optional_int_data(seq_lens, lens_holder);
-  p.out = out.mutable_data_ptr();
-  p.lse = lse.mutable_data_ptr<float>();
-  p.batch = B;
-  p.q_heads = Hq;
-  p.kv_heads = Hkv;
-  p.tokens = S;
-  p.dim = D;
-  p.page_size = page_size;
-  p.index_heads = idx.defined() ? idx.size(1) : Hkv;
-  p.slots = idx.defined() ? idx.size(2) : ceil_div(S, page_size);
-  for (int i = 0; i < 2; ++i) p.query_stride[i] = query.stride(i);
-  for (int i = 0; i < 3; ++i) {
-    p.k_stride[i] = k_cache.stride(i);
-    p.v_stride[i] = v_cache.stride(i);
-  }
-  p.value_errors = value_error_word_ptr();
-  p.scale = scale.has_value() ? static_cast<float>(*scale)
-                              : 1.f / std::sqrt(static_cast<float>(D));
+  SparseApplyParams p = sparse_apply_params(
+      query, k_cache, v_cache, idx.defined() ? idx.const_data_ptr<int32_t>() : nullptr,
+      idx.defined() ? idx.size(1) : Hkv, idx.defined() ? idx.size(2) : ceil_div(S, page_size),
+      optional_int_data(seq_lens, lens_holder), out, lse, page_size, scale);
   const bool vectorized = allows_vector(query) && allows_vector(k_cache) &&
                           allows_vector(v_cache);
   const bool tensor_cores = tensor_cores_available() &&

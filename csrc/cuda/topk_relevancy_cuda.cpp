@@ -1,6 +1,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_common.h"
+#include "cuda/op_params.h"
 #include "validate.h"
 
 namespace memops {
@@ -31,16 +32,8 @@ void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
   for (int i = 0; i < 4; ++i) ip.code_stride[i] = codes.stride(i);
   for (int i = 0; i < 3; ++i) ip.scale_stride[i] = scales.stride(i);
   ip.reduce = parse_group_reduce("topk_relevancy", group_reduce);
-  SelectParams sp{};
-  sp.scores = scores.const_data_ptr<float>();
-  sp.num_pages = ip.num_pages;
-  sp.top_scores = top_scores.mutable_data_ptr<float>();
-  sp.top_indices = top_indices.mutable_data_ptr<int32_t>();
-  sp.heads = ip.kv_heads;
-  sp.pages = ip.pages;
-  sp.k = k;
-  sp.sink_pages = sink_pages;
-  sp.recent_pages = recent_pages;
+  SelectParams sp = select_params(scores, ip.num_pages, top_scores, top_indices, k, sink_pages,
+                                  recent_pages);
   // As the 16-bit summaries: rows short enough are selected by the scoring kernel's last block
   // of each row (per-row done counters zeroed here, a memset, so the step stays capturable).
   at::Tensor done;
@@ -61,6 +54,46 @@ void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
 }
 
 }  // namespace
+
+RelevancyParams relevancy_params(const at::Tensor& query, const at::Tensor& summary,
+                                 at::Tensor& scores, const std::string& mode,
+                                 const std::string& group_reduce, const at::Tensor& weights,
+                                 const int32_t* num_pages) {
+  RelevancyParams rp{};
+  rp.query = query.const_data_ptr();
+  rp.summary = summary.const_data_ptr();
+  rp.weights = weights.defined() ? weights.const_data_ptr<float>() : nullptr;
+  rp.num_pages = num_pages;
+  rp.scores = scores.mutable_data_ptr<float>();
+  rp.batch = summary.size(0);
+  rp.q_heads = query.size(1);
+  rp.kv_heads = summary.size(1);
+  rp.pages = summary.size(2);
+  rp.reps = summary.size(3);
+  rp.dim = summary.size(4);
+  for (int i = 0; i < 2; ++i) rp.query_stride[i] = query.stride(i);
+  for (int i = 0; i < 4; ++i) rp.summary_stride[i] = summary.stride(i);
+  rp.mode = parse_relevancy_mode("topk_relevancy", mode);
+  rp.reduce = parse_group_reduce("topk_relevancy", group_reduce);
+  return rp;
+}
+
+SelectParams select_params(const at::Tensor& scores, const int32_t* num_pages,
+                           at::Tensor& top_scores, at::Tensor& top_indices, int64_t k,
+                           int64_t sink_pages, int64_t recent_pages) {
+  SelectParams sp{};
+  sp.scores = scores.const_data_ptr<float>();
+  sp.num_pages = num_pages;
+  sp.top_scores = top_scores.mutable_data_ptr<float>();
+  sp.top_indices = top_indices.mutable_data_ptr<int32_t>();
+  sp.heads = scores.size(1);
+  sp.pages = scores.size(2);
+  sp.k = k;
+  sp.sink_pages = sink_pages;
+  sp.recent_pages = recent_pages;
+  sp.value_errors = value_error_word_ptr();
+  return sp;
+}
 
 std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
     const at::Tensor& query, const at::Tensor& summary, int64_t k, c10::string_view mode,
@@ -93,34 +126,10 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
     return {top_scores, top_indices};
   }
 
-  RelevancyParams rp{};
-  rp.query = query.const_data_ptr();
-  rp.summary = summary.const_data_ptr();
-  rp.weights = w.defined() ? w.const_data_ptr<float>() : nullptr;
-  rp.num_pages = optional_int_data(num_pages, pages_holder);
-  rp.scores = scores.mutable_data_ptr<float>();
-  rp.batch = B;
-  rp.q_heads = query.size(1);
-  rp.kv_heads = Hkv;
-  rp.pages = N;
-  rp.reps = summary.size(3);
-  rp.dim = summary.size(4);
-  for (int i = 0; i < 2; ++i) rp.query_stride[i] = query.stride(i);
-  for (int i = 0; i < 4; ++i) rp.summary_stride[i] = summary.stride(i);
-  rp.mode = parse_relevancy_mode("topk_relevancy", mode_s);
-  rp.reduce = parse_group_reduce("topk_relevancy", reduce_s);
-
-  SelectParams sp{};
-  sp.scores = scores.const_data_ptr<float>();
-  sp.num_pages = rp.num_pages;
-  sp.top_scores = top_scores.mutable_data_ptr<float>();
-  sp.top_indices = top_indices.mutable_data_ptr<int32_t>();
-  sp.heads = Hkv;
-  sp.pages = N;
-  sp.k = k;
-  sp.sink_pages = sink_pages;
-  sp.recent_pages = recent_pages;
-  sp.value_errors = value_error_word_ptr();
+  RelevancyParams rp = relevancy_params(query, summary, scores, mode_s, reduce_s, w,
+                                        optional_int_data(num_pages, pages_holder));
+  SelectParams sp = select_params(scores, rp.num_pages, top_scores, top_indices, k, sink_pages,
+                                  recent_pages);
   const bool vectorized = allows_vector(summary) && allows_vector(query);
   if (tensor_cores_available() &&
       relevancy_tc_supported(rp, vectorized, query.scalar_type() != at::kFloat)) {

@@ -86,6 +86,13 @@ __device__ __forceinline__ float load_l2(const float* p) {
   return __ldcg(p);
 #endif
 }
+__device__ __forceinline__ int32_t load_l2(const int32_t* p) {
+#if defined(__HIPCC__)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
 
 // 16-byte (or narrower) vector of VEC elements of T, loaded and stored in one access.
 template <typename T, int VEC>

@@ -148,6 +148,46 @@ inline bool sparse_apply_tc_supported(const SparseApplyParams& p, bool vectorize
   return sixteen_bit && vectorized && (p.dim == 64 || p.dim == 128);
 }
 
+// The decode step of one layer in one launch (topk_sparse_apply_tc.cuh): topk_relevancy's
+// scoring and selection, then sparse_apply over the selected pages, as work items that the
+// blocks of one grid take in order (every scoring item before any apply item).
+struct TopkApplyParams {
+  RelevancyParams relevancy;
+  SelectParams select;      // top_indices: [rows, k], read by the apply items
+  SparseApplyParams apply;  // indices = select.top_indices; split_done = the third counter range
+  // [1 + 3 * rows] ints, zeroed before the launch: the next item, then per (b, kv) row its
+  // scoring items done, its selection published (0 / 1) and its split blocks done.
+  int* counters;
+  int64_t score_blocks;  // scoring items per row (each a block's share of the row's tiles)
+};
+
+// Whether the one-launch step takes these parameters: both tensor-core kernels do, the
+// selection fits the scoring block (rows of up to kFusedSelectMaxPages pages), one selection
+// per GQA group (index_heads == kv_heads) and at most kTensorCoreMaxHeads query heads a group.
+inline bool topk_sparse_apply_tc_supported(const TopkApplyParams& p, bool vectorized,
+                                           bool sixteen_bit) {
+  return relevancy_tc_supported(p.relevancy, vectorized, sixteen_bit) &&
+         p.relevancy.mode != RelevancyMode::kIndexer && p.relevancy.pages <= kFusedSelectMaxPages &&
+         sparse_apply_tc_supported(p.apply, vectorized, sixteen_bit) &&
+         p.apply.index_heads == p.apply.kv_heads &&
+         p.apply.q_heads / p.apply.kv_heads <= kTensorCoreMaxHeads;
+}
+
+// Work items of the one-launch step, from shapes only (capturable): as many scoring items a row
+// as relevancy_tc_kernel has blocks, and splits of at least 128 tokens (a 16-token tile for
+// each of the 8 warps) so that the apply items of all rows fill the resident blocks once.
+inline void plan_topk_sparse_apply_tc(TopkApplyParams& p, int resident_blocks) {
+  const int64_t rows = p.relevancy.batch * p.relevancy.kv_heads;
+  const int64_t tiles = ceil_div(p.relevancy.pages, 16);
+  p.score_blocks = max64(1, min64(ceil_div(tiles, 8), resident_blocks / max64(rows, 1)));
+  SparseApplyParams& a = p.apply;
+  a.head_chunks = 1;
+  const int64_t max_splits = max64(1, min64(kApplyMaxSplits, ceil_div(a.slots * a.page_size, 128)));
+  const int64_t wanted = max64(1, min64(max_splits, resident_blocks / max64(rows, 1)));
+  a.slots_per_split = max64(1, ceil_div(a.slots, wanted));
+  a.splits = max64(1, ceil_div(a.slots, a.slots_per_split));
+}
+
 // The tensor-core kernel (sparse_apply_tc.cuh): blocks of 4 warps serve up to 8 query heads;
 // as many splits as fit the resident blocks in one wave, each at least 64 tokens (a 16-token
 // tile per warp). Shapes only, as plan_sparse_apply.

@@ -176,17 +176,22 @@ __device__ __forceinline__ void merge_splits(const SparseApplyParams& p, int64_t
 }
 
 // Called by every thread of a split block after it wrote its partials: publishes them and counts
-// the block done on its row (`done`: the row's counter, zeroed before the launch). True in the
-// row's last block to finish (the same in all its threads), which then sees every split's
-// partials through load_split<true>. The counter is left at gridDim.x (a fresh one every call).
-__device__ __forceinline__ bool last_split_block(int* done) {
+// the block done on its row (`done`: the row's counter, zeroed before the launch; `splits`: the
+// row's split blocks). True in the row's last block to finish (the same in all its threads),
+// which then sees every split's partials through load_split<true>. The counter is left at
+// `splits` (a fresh one every call).
+__device__ __forceinline__ bool last_split_block(int* done, int splits) {
   __shared__ bool last;
   __threadfence();  // this block's partials are visible device-wide before it counts itself
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  if (threadIdx.x == 0) last = atomicAdd(done, 1) == splits - 1;
   __syncthreads();
   if (last) __threadfence();
   return last;
+}
+// The same for a grid whose x blocks are the row's splits.
+__device__ __forceinline__ bool last_split_block(int* done) {
+  return last_split_block(done, static_cast<int>(gridDim.x));
 }
 
 // Value errors of one split block (the out-of-range rule has already been applied): each page
@@ -197,8 +202,11 @@ __device__ inline void report_split_value_errors(const SparseApplyParams& p, con
                                                  int64_t b, int64_t split, int64_t index_head) {
   int32_t errors = 0;
   if (index_list != nullptr)
-    for (int64_t slot = slot_begin + threadIdx.x; slot < slot_end; slot += blockDim.x)
-      if (index_list[slot] < -1 || index_list[slot] >= total_pages) errors |= kValueErrorIndex;
+    for (int64_t slot = slot_begin + threadIdx.x; slot < slot_end; slot += blockDim.x) {
+      // From L2: in the one-launch step another block of the launch wrote the indices.
+      const int32_t page = gpu::load_l2(index_list + slot);
+      if (page < -1 || page >= total_pages) errors |= kValueErrorIndex;
+    }
   if (threadIdx.x == 0 && split == 0 && index_head == 0 && p.seq_lens != nullptr &&
       (p.seq_lens[b] < 0 || p.seq_lens[b] > p.tokens))
     errors |= kValueErrorSeqLen;

@@ -21,7 +21,7 @@ namespace memops {
 
 namespace apply_tc {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 4;  // of sparse_apply_tc_kernel
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileTokens = 16;
 constexpr int kMaxHeads = static_cast<int>(kTensorCoreMaxHeads);
@@ -30,12 +30,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 }  // namespace apply_tc
 
-// Grid: x = split, y = (b, index head, head chunk), as sparse_apply_split_kernel.
-template <typename T, int D>
-__global__ void __launch_bounds__(apply_tc::kThreads, 4)
-    sparse_apply_tc_kernel(SparseApplyParams p) {
+// Split `split` of row `y` = (b, index head, head chunk), by a block of kWarps warps: the work of
+// one block of sparse_apply_tc_kernel, and of an apply item of the one-launch decode step
+// (topk_sparse_apply_tc.cuh). kIndicesInL2: the indices were written by another block of the
+// same launch (read from L2). The row's splits are merged by its last block to finish
+// (p.split_done), by the merge kernel (p.separate_merge), or, with one split, by this block.
+template <typename T, int D, int kWarps, bool kIndicesInL2>
+__device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64_t split, int64_t y) {
   using namespace apply_tc;
   static_assert(D == 64 || D == 128, "register budget: D of 64 or 128");
+  constexpr int kThreads = kWarps * 32;
   constexpr int kChunks = D / 32;        // K: 16-byte loads per token row and lane
   constexpr int kSteps = D / 16;         // k-steps of S^T
   constexpr int kValueLoads = D / 64;    // V: 16-byte loads per token and lane (D / 8 elements)
@@ -50,8 +54,8 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t group = p.q_heads / p.kv_heads;
-  const int64_t chunk = blockIdx.y % p.head_chunks;
-  const int64_t index_row = blockIdx.y / p.head_chunks;
+  const int64_t chunk = y % p.head_chunks;
+  const int64_t index_row = y / p.head_chunks;
   const int64_t b = index_row / p.index_heads, index_head = index_row % p.index_heads;
   const bool per_query_head = p.index_heads != p.kv_heads;
   const int64_t kv = per_query_head ? index_head / group : index_head;
@@ -59,7 +63,6 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
   const int64_t row_heads = per_query_head ? 1 : group;
   const int64_t first_head = row_first_head + chunk * kMaxHeads;
   const int heads = static_cast<int>(min64(kMaxHeads, row_heads - chunk * kMaxHeads));
-  const int64_t split = blockIdx.x;
   const int64_t slot_begin = split * p.slots_per_split;
   const int64_t slot_end = min64(slot_begin + p.slots_per_split, p.slots);
   int64_t length = p.seq_lens == nullptr ? p.tokens : p.seq_lens[b];
@@ -101,7 +104,12 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
     const int64_t j = tile * kTileTokens + lane;
     if (lane >= kTileTokens || j >= split_tokens) return -1;
     const int64_t slot = slot_begin + j / p.page_size;
-    return index_list == nullptr ? slot : index_list[slot];
+    if (index_list == nullptr) return slot;
+    if constexpr (kIndicesInL2) {
+      return gpu::load_l2(index_list + slot);
+    } else {
+      return index_list[slot];
+    }
   };
   int64_t next_page = page_of_token(warp);
   for (int64_t tile = warp; tile < tiles; tile += kWarps) {
@@ -258,10 +266,17 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
     merge_splits<T, kMaxHeads, kThreads, D, false>(p, first_row, heads, 1, own, merge);
     return;
   }
-  if (p.separate_merge || !last_split_block(p.split_done + blockIdx.y)) return;
+  if (p.separate_merge || !last_split_block(p.split_done + y, static_cast<int>(p.splits))) return;
   const SplitView partials{p.partial_max + first_row * p.splits, p.partial_sum + first_row * p.splits,
                            p.partial_acc + first_row * p.splits * D, p.splits, p.splits * D};
   merge_splits<T, kMaxHeads, kThreads, D, true>(p, first_row, heads, p.splits, partials, merge);
+}
+
+// Grid: x = split, y = (b, index head, head chunk), as sparse_apply_split_kernel.
+template <typename T, int D>
+__global__ void __launch_bounds__(apply_tc::kThreads, 4)
+    sparse_apply_tc_kernel(SparseApplyParams p) {
+  apply_tc_split<T, D, apply_tc::kWarps, false>(p, blockIdx.x, blockIdx.y);
 }
 
 template <typename T>

@@ -514,17 +514,26 @@ __device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
 }
 
 // For a scoring kernel that selects in its last block: counts this block done on its row
-// (``done``: per-row counters, zeroed before the launch); the row's last block selects its top-k.
+// (``done``: per-row counters, zeroed before the launch; ``blocks``: the blocks that score the
+// row); the row's last block selects its top-k and returns true (in every thread).
 template <int kThreads>
-__device__ __forceinline__ void select_if_last_block(const SelectParams& sp, int64_t row, int* done) {
+__device__ __forceinline__ bool select_if_last_block(const SelectParams& sp, int64_t row, int* done,
+                                                     int blocks) {
   __shared__ bool last_block;
   __threadfence();  // this block's scores are visible device-wide before it counts itself done
   __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == static_cast<int>(gridDim.x) - 1;
+  if (threadIdx.x == 0) last_block = atomicAdd(done + row, 1) == blocks - 1;
   __syncthreads();
-  if (!last_block) return;
+  if (!last_block) return false;
   __threadfence();
   select_topk_row_small<kThreads>(sp, row);
+  return true;
+}
+
+// The same for a grid whose x blocks all score the row.
+template <int kThreads>
+__device__ __forceinline__ void select_if_last_block(const SelectParams& sp, int64_t row, int* done) {
+  select_if_last_block<kThreads>(sp, row, done, static_cast<int>(gridDim.x));
 }
 
 template <int kThreads>

@@ -40,22 +40,22 @@ __device__ float exact_head_score(const RelevancyParams& p, const T* q, const T*
 
 }  // namespace relevancy_tc
 
-// Grid: x = blocks of one row (grid-stride over the row's tiles), y = (b, kv) rows.
-// kReps: representatives loaded per page (2 for bound). `done` counts finished blocks per row
-// (zeroed by the caller) when the selection is fused, else nullptr.
+// The tiles of (b, kv) row `row` that block `block` of the row's `blocks` scores (a stride of
+// `blocks` tiles per warp): the work of one block of relevancy_tc_kernel, and of a scoring item
+// of the one-launch decode step (topk_sparse_apply_tc.cuh).
+// kReps: representatives loaded per page (2 for bound).
 template <typename T, int D, int kReps, bool kBound>
-__global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
-    relevancy_tc_kernel(RelevancyParams p, SelectParams sp, int* done) {
+__device__ __forceinline__ void score_row_tiles_tc(const RelevancyParams& p, int64_t row,
+                                                   int64_t block, int64_t blocks) {
   using namespace relevancy_tc;
   static_assert(D % 32 == 0 && D <= 128, "D: 32-element chunks, registers for D <= 128");
   static_assert(!kBound || kReps == 2, "bound reads min and max");
   constexpr int kChunks = D / 32;  // 16-byte loads per page row and lane
   constexpr int kSteps = D / 16;   // k-steps of one representative
-  static_assert(kThreads == select_detail::kSmallThreads, "the last block selects its row");
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t row = blockIdx.y, b = row / p.kv_heads, kv = row % p.kv_heads;
+  const int64_t b = row / p.kv_heads, kv = row % p.kv_heads;
   const int group = static_cast<int>(p.q_heads / p.kv_heads);
   const T* query = static_cast<const T*>(p.query);
   const T* q_row = query + b * p.query_stride[0] + (kv * group + min64(g, group - 1)) *
@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
 
   const int64_t limit = relevancy_detail::valid_pages(p.num_pages, b, p.pages);
   const int64_t tiles = ceil_div(limit, kTilePages);
-  for (int64_t tile = int64_t(blockIdx.x) * kWarps + warp; tile < tiles;
-       tile += int64_t(gridDim.x) * kWarps) {
+  for (int64_t tile = block * kWarps + warp; tile < tiles; tile += blocks * kWarps) {
     const int64_t page_lo = tile * kTilePages + g, page_hi = page_lo + 8;
     const bool valid_lo = page_lo < limit, valid_hi = page_hi < limit;
     const T* rows[2] = {summary + page_lo * p.summary_stride[2],
@@ -172,8 +171,17 @@ __global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
       if (valid_hi) p.scores[row * p.pages + page_hi] = combined[1];
     }
   }
+}
 
-  if (done != nullptr) select_if_last_block<kThreads>(sp, row, done);
+// Grid: x = blocks of one row (grid-stride over the row's tiles), y = (b, kv) rows.
+// `done` counts finished blocks per row (zeroed by the caller) when the selection is fused, else
+// nullptr.
+template <typename T, int D, int kReps, bool kBound>
+__global__ void __launch_bounds__(relevancy_tc::kThreads, 2)
+    relevancy_tc_kernel(RelevancyParams p, SelectParams sp, int* done) {
+  static_assert(relevancy_tc::kThreads == select_detail::kSmallThreads, "the last block selects its row");
+  score_row_tiles_tc<T, D, kReps, kBound>(p, blockIdx.y, blockIdx.x, gridDim.x);
+  if (done != nullptr) select_if_last_block<relevancy_tc::kThreads>(sp, blockIdx.y, done);
 }
 
 // DeepSeek's lightning indexer on tensor cores: score = sum_h w_h relu(q_h . key) over up to 64
