@@ -508,12 +508,13 @@ def _prepare_memory_int8_inplace_fake(summary, scales, keys, page_size, first_pa
 
 @torch.library.register_fake("memops::topk_relevancy")
 def _topk_relevancy_fake(query, summary, k, *, mode="bound", num_pages=None, sink_pages=0,
-                         recent_pages=0, group_reduce="max", weights=None, summary_scales=None):
-    _check_dim("topk_relevancy", "query", query, 3, "[B, Hq, D]")
-    _check_dim("topk_relevancy", "summary", summary, 5, "[B, Hkv, N, R, D]")
-    _check_same_device("topk_relevancy", query=query, summary=summary, num_pages=num_pages,
+                         recent_pages=0, group_reduce="max", weights=None, summary_scales=None,
+                         op="topk_relevancy"):
+    _check_dim(op, "query", query, 3, "[B, Hq, D]")
+    _check_dim(op, "summary", summary, 5, "[B, Hkv, N, R, D]")
+    _check_same_device(op, query=query, summary=summary, num_pages=num_pages,
                        weights=weights, summary_scales=summary_scales)
-    _check_scalars("topk_relevancy", k=k, sink_pages=sink_pages, recent_pages=recent_pages,
+    _check_scalars(op, k=k, sink_pages=sink_pages, recent_pages=recent_pages,
                    mode=(mode, ("bound", "dot", "indexer")),
                    group_reduce=(group_reduce, ("max", "sum")))
     B, Hkv = summary.shape[0], summary.shape[1]
@@ -534,17 +535,18 @@ def _gather_retrieve_fake(memory, indices, page_size, *, seq_lens=None):
 
 
 @torch.library.register_fake("memops::sparse_apply")
-def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=None, scale=None):
-    _check_dim("sparse_apply", "query", query, 3, "[B, Hq, D]")
-    _check_dim("sparse_apply", "k_cache", k_cache, 4, "[B, Hkv, S, D]")
-    _check_dim("sparse_apply", "v_cache", v_cache, 4, "[B, Hkv, S, D]")
-    _check_same_device("sparse_apply", query=query, k_cache=k_cache, v_cache=v_cache,
+def _sparse_apply_fake(query, k_cache, v_cache, indices, page_size, *, seq_lens=None, scale=None,
+                       op="sparse_apply"):
+    _check_dim(op, "query", query, 3, "[B, Hq, D]")
+    _check_dim(op, "k_cache", k_cache, 4, "[B, Hkv, S, D]")
+    _check_dim(op, "v_cache", v_cache, 4, "[B, Hkv, S, D]")
+    _check_same_device(op, query=query, k_cache=k_cache, v_cache=v_cache,
                        indices=indices, seq_lens=seq_lens)
-    _check_scalars("sparse_apply", page_size=page_size)
+    _check_scalars(op, page_size=page_size)
     if indices is not None and indices.dim() == 3:
-        _check_selected_tokens("sparse_apply", indices, page_size)
+        _check_selected_tokens(op, indices, page_size)
     if scale is not None and not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"memops.sparse_apply: `scale` must be a finite number > 0 (default D ** "
+        raise ValueError(f"memops.{op}: `scale` must be a finite number > 0 (default D ** "
                          f"-0.5), got {scale}")
     B, Hq, D = query.shape
     return query.new_empty(B, Hq, D), query.new_empty(B, Hq, dtype=torch.float32)
@@ -563,9 +565,10 @@ def _topk_sparse_apply_fake(query, summary, k_cache, v_cache, k, page_size, *, m
                        summary_scales=summary_scales)
     scores, indices = _topk_relevancy_fake(query, summary, k, mode=mode, num_pages=num_pages,
                                            sink_pages=sink_pages, recent_pages=recent_pages,
-                                           group_reduce=group_reduce, summary_scales=summary_scales)
+                                           group_reduce=group_reduce, summary_scales=summary_scales,
+                                           op="topk_sparse_apply")
     out, lse = _sparse_apply_fake(query, k_cache, v_cache, None, page_size, seq_lens=seq_lens,
-                                  scale=scale)
+                                  scale=scale, op="topk_sparse_apply")
     return out, lse, scores, indices
 
 

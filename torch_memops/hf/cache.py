@@ -246,6 +246,10 @@ class MemopsLayer:
         indices = None
         if storage.has_summary:
             relevancy_device = self.relevancy_device
+            # Relevancy + top-k + Apply as one op (one launch on CUDA) when they share a device;
+            # a profiled step runs them apart, so that the profiler times each.
+            fused = (self.method.fuses_apply and relevancy_device == memory_device == apply_device
+                     and profile is NO_PROFILE)
             with self._step("decode", "relevancy"):
                 profile.moved(query, relevancy_device)
                 relevancy_lens = storage.lens_on(relevancy_device)
@@ -255,6 +259,11 @@ class MemopsLayer:
                     seq_lens=relevancy_lens, num_pages=(relevancy_lens + (cfg.page_size - 1)) // cfg.page_size,
                     budget_pages=cfg.budget_pages, page_size=cfg.page_size, scale=scale, config=cfg,
                     layer_idx=self.layer_idx)
+                if fused:
+                    out, indices = self.method.select_and_apply(inputs, values)
+                    if not storage.static:
+                        self.last_selection = indices
+                    return out.to(query.device)
                 indices = self.method.select(inputs)
                 if not storage.static:
                     self.last_selection = indices

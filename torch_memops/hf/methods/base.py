@@ -9,7 +9,7 @@ and :meth:`Method.select` in each decode step of a sparse layer.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -88,6 +88,8 @@ class Method:
     name: str = ""
     summary_mode: Optional[str] = "minmax"
     compileable: bool = True
+    #: Whether :meth:`select_and_apply` runs this method's Relevancy, top-k and Apply as one op.
+    fuses_apply: bool = False
 
     @property
     def representatives(self) -> int:
@@ -119,3 +121,34 @@ class Method:
         """Relevancy + top-k: ``int32 [B, Hkv, k]`` (or ``[B, Hq, k]``) page indices, ascending,
         ``-1`` padded at the end, ``k = inputs.budget_pages``; or ``None``: every valid token."""
         raise NotImplementedError(f"method {self.name!r} does not implement select()")
+
+    def select_and_apply(self, inputs: SelectionInputs, values: Tensor) -> Tuple[Tensor, Tensor]:
+        """Relevancy + top-k + Apply in one op (methods with ``fuses_apply``): ``(out [B, Hq, D],
+        indices)``, the attention of ``inputs.query`` over the pages :meth:`select` would choose, of
+        ``inputs.keys`` and ``values`` with ``inputs.seq_lens`` valid tokens a row."""
+        raise NotImplementedError(f"method {self.name!r} does not fuse Relevancy with Apply")
+
+
+class TopkMethod(Method):
+    """A method whose Relevancy + top-k is one ``topk_relevancy`` call on its summary with
+    ``score_mode`` (Quest's bound, the mean keys' dot product): its decode step can run as one
+    ``topk_sparse_apply`` (one kernel launch on CUDA)."""
+
+    score_mode: str = "bound"
+    fuses_apply = True
+
+    def topk_options(self, inputs: SelectionInputs) -> dict:
+        cfg = inputs.config
+        return dict(mode=self.score_mode, num_pages=inputs.num_pages, sink_pages=cfg.sink_pages,
+                    recent_pages=cfg.recent_pages, group_reduce=cfg.group_reduce)
+
+    def select(self, inputs: SelectionInputs) -> Tensor:
+        _, indices = ops.topk_relevancy(inputs.query, inputs.summary, inputs.budget_pages,
+                                        **self.topk_options(inputs))
+        return indices
+
+    def select_and_apply(self, inputs: SelectionInputs, values: Tensor) -> Tuple[Tensor, Tensor]:
+        step = ops.topk_sparse_apply(inputs.query, inputs.summary, inputs.keys, values, inputs.budget_pages,
+                                     inputs.page_size, seq_lens=inputs.seq_lens, scale=inputs.scale,
+                                     **self.topk_options(inputs))
+        return step.out, step.indices
