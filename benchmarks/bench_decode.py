@@ -74,9 +74,18 @@ def memops_step(query, summary, k_cache, v_cache, budget_pages: int):
 
 
 def memops_one_launch(query, summary, k_cache, v_cache, budget_pages: int):
-    """The same step as one op (topk_sparse_apply: one kernel launch on CUDA)."""
-    return ops.topk_sparse_apply(query, summary, k_cache, v_cache, budget_pages, PAGE, sink_pages=SINK_PAGES,
-                                 recent_pages=RECENT_PAGES)
+    """The same step as one kernel launch (topk_sparse_apply with MEMOPS_CUDA_FUSED_STEP=1, which the
+    binding reads at every call: the graph captures the kernel the capture-time call launched)."""
+    previous = os.environ.get("MEMOPS_CUDA_FUSED_STEP")
+    os.environ["MEMOPS_CUDA_FUSED_STEP"] = "1"
+    try:
+        return ops.topk_sparse_apply(query, summary, k_cache, v_cache, budget_pages, PAGE, sink_pages=SINK_PAGES,
+                                     recent_pages=RECENT_PAGES)
+    finally:
+        if previous is None:
+            del os.environ["MEMOPS_CUDA_FUSED_STEP"]
+        else:
+            os.environ["MEMOPS_CUDA_FUSED_STEP"] = previous
 
 
 def dense_rows(report, shape, query, k_cache, v_cache) -> dict[str, float]:

@@ -3,10 +3,10 @@ reference, and against topk_relevancy and sparse_apply run one after the other o
 
 On every device: the selection is an exact top-k under the reference scores and equal, bit for
 bit, to topk_relevancy's on that device (the one-launch kernel scores and selects with the same
-code); the attention equals the reference's over the pages selected. On CUDA also: the
-one-launch kernel is what ran (profiled), it matches the two-op path (MEMOPS_CUDA_FUSED_STEP=0)
-within the float32 summation order, a CUDA graph replays it, and the shapes it does not take
-fall back to the two ops.
+code); the attention equals the reference's over the pages selected. On CUDA also, with the
+one-launch kernel switched on (MEMOPS_CUDA_FUSED_STEP=1): it is what ran (profiled), it matches
+the default two-op path within the float32 summation order, a CUDA graph replays it, and the
+shapes it does not take fall back to the two ops.
 """
 
 import math
@@ -160,6 +160,7 @@ def profiled_kernels(fn):
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 @pytest.mark.parametrize("scoring", SCORINGS, ids=lambda s: f"{s[0]}-{s[1]}")
 def test_cuda_one_launch(dtype, shape, scoring, monkeypatch):
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_STEP", "1")
     mode, summary_mode = scoring
     inputs = make_step(shape, dtype, summary_mode, ragged=shape[0] > 1, seed=4)
     kwargs = dict(mode=mode, sink_pages=1, recent_pages=2)
@@ -181,7 +182,8 @@ def test_cuda_one_launch(dtype, shape, scoring, monkeypatch):
 
 
 @CUDA
-def test_cuda_runs_one_kernel_and_replays_in_a_graph():
+def test_cuda_runs_one_kernel_and_replays_in_a_graph(monkeypatch):
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_STEP", "1")
     inputs = make_step((1, 32, 8, 32768, 128, 16, 128), torch.bfloat16, "minmax", ragged=False, seed=5)
     q, s, kc, vc = to_device("cuda", inputs["query"], inputs["summary"], inputs["keys"], inputs["values"])
 
@@ -210,7 +212,8 @@ def test_cuda_runs_one_kernel_and_replays_in_a_graph():
 
 @CUDA
 @pytest.mark.parametrize("case", ["float32", "head-dim-96", "group-16", "pages-over-8192"])
-def test_cuda_shapes_it_does_not_take_run_the_two_ops(case):
+def test_cuda_shapes_it_does_not_take_run_the_two_ops(case, monkeypatch):
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_STEP", "1")
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     B, Hq, Hkv, S, D, P, k = 1, 8, 2, 600, 64, 16, 6
     if case == "head-dim-96":
@@ -230,11 +233,22 @@ def test_cuda_shapes_it_does_not_take_run_the_two_ops(case):
 
 
 @CUDA
-def test_cuda_empty_rows_and_no_valid_page():
+def test_cuda_empty_rows_and_no_valid_page(monkeypatch):
     """A row with seq_lens 0 and num_pages 0: indices all -1, out 0, lse -inf."""
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_STEP", "1")
     inputs = make_step((3, 8, 2, 500, 128, 16, 8), torch.bfloat16, "minmax", ragged=True, seed=7)
     got, two_op = run_step("cuda", inputs, mode="bound")
     assert int(inputs["seq_lens"][0]) == 0
     assert bool((got.indices[0] == -1).all())
     assert bool((got.out[0] == 0).all()) and bool((got.lse[0] == -math.inf).all())
     assert_step_correct(inputs, got, two_op, mode="bound")
+
+
+@CUDA
+def test_cuda_runs_the_two_ops_by_default(monkeypatch):
+    monkeypatch.delenv("MEMOPS_CUDA_FUSED_STEP", raising=False)
+    inputs = make_step((1, 32, 8, 4096, 128, 16, 32), torch.bfloat16, "minmax", ragged=False, seed=8)
+    q, s, kc, vc = to_device("cuda", inputs["query"], inputs["summary"], inputs["keys"], inputs["values"])
+    names = profiled_kernels(lambda: ops.topk_sparse_apply(q, s, kc, vc, 32, 16, recent_pages=1))
+    assert not any("topk_sparse_apply_tc_kernel" in n for n in names), names
+    assert any("relevancy_tc_kernel" in n for n in names) and any("sparse_apply_tc_kernel" in n for n in names)

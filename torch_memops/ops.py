@@ -340,9 +340,11 @@ def topk_sparse_apply(
     Exactly ``scores, indices = topk_relevancy(query, summary, k, mode=mode, num_pages=num_pages,
     sink_pages=sink_pages, recent_pages=recent_pages, group_reduce=group_reduce)`` followed by
     ``out, lse = sparse_apply(query, k_cache, v_cache, indices, page_size, seq_lens=seq_lens,
-    scale=scale)``. On CUDA (16-bit tensors, D of 64 or 128, up to 8 query heads a kv head, up
-    to 8192 pages, a 16-bit summary) it runs as one kernel launch, which at batch 1 removes the
-    launch latency and ramp of three kernels; elsewhere it runs the two ops.
+    scale=scale)``, and every backend runs those two ops. On CUDA, ``MEMOPS_CUDA_FUSED_STEP=1``
+    runs it as one kernel launch instead (16-bit tensors, D of 64 or 128, up to 8 query heads a
+    kv head, up to 8192 pages, a 16-bit summary): the same selection, the attention within
+    float32 rounding; opt-in because the H200 measured it slower than the two ops in a CUDA
+    graph (``docs/cuda.md``).
 
     Parameters
     ----------

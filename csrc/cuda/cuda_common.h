@@ -76,8 +76,9 @@ inline int grid_limit(int blocks_per_sm) {
 // paths). env_switch: unset or anything but "0" means on; env_opt_in: set and not "0" means on.
 //   MEMOPS_CUDA_TENSOR_CORES=0   the portable CUDA-core kernels for every dtype
 //   MEMOPS_CUDA_FUSED_SELECT=0   topk_relevancy selects in a kernel of its own
-//   MEMOPS_CUDA_FUSED_STEP=0     topk_sparse_apply runs topk_relevancy and sparse_apply instead
-//                                of its one-launch kernel
+//   MEMOPS_CUDA_FUSED_STEP=1     topk_sparse_apply runs its one-launch kernel instead of
+//                                topk_relevancy and sparse_apply (opt-in: slower on the H200,
+//                                docs/cuda.md)
 //   MEMOPS_CUDA_FUSED_MERGE=1    sparse_apply merges its splits in the split kernel's last block
 //                                (opt-in: slower than the merge kernel on the H200, docs/cuda.md)
 inline bool env_switch(const char* name) {

@@ -7,10 +7,11 @@
 
 namespace memops {
 
-// The decode step of a layer in one launch (topk_sparse_apply_tc.cuh) where that kernel applies:
-// 16-bit tensors that allow 16-byte loads, tensor cores, D of 64 or 128, bound or dot scores,
-// rows of at most 8192 pages, GQA groups of at most 8 query heads, a 16-bit summary. Elsewhere
-// (and with MEMOPS_CUDA_FUSED_STEP=0) topk_relevancy and sparse_apply run one after the other.
+// topk_relevancy and sparse_apply, one after the other; with MEMOPS_CUDA_FUSED_STEP=1, the decode
+// step of a layer in one launch (topk_sparse_apply_tc.cuh) where that kernel applies: 16-bit
+// tensors that allow 16-byte loads, tensor cores, D of 64 or 128, bound or dot scores, rows of at
+// most 8192 pages, GQA groups of at most 8 query heads, a 16-bit summary. The one launch is
+// opt-in: on the H200 it measured slower than the two ops in a CUDA graph (docs/cuda.md).
 // Counters and partials are sized by shapes only (capturable); nothing is kept between calls.
 TopkApplyResult topk_sparse_apply_cuda(
     const at::Tensor& query, const at::Tensor& summary, const at::Tensor& k_cache,
@@ -31,7 +32,7 @@ TopkApplyResult topk_sparse_apply_cuda(
                           allows_vector(k_cache) && allows_vector(v_cache);
   const c10::cuda::CUDAGuard guard(query.device());
   if (summary_scales.has_value() || !sixteen_bit || !vectorized || !tensor_cores_available() ||
-      !env_switch("MEMOPS_CUDA_FUSED_STEP"))
+      !env_opt_in("MEMOPS_CUDA_FUSED_STEP"))
     return unfused();
   const int64_t B = summary.size(0), Hkv = summary.size(1), N = summary.size(2);
   const int64_t Hq = query.size(1), D = query.size(2);
