@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--issue-cells", action="store_true",
-                        help="the eight cells of issue 11's table (budget 2048 at 32K, 4096 at 128K)")
+                        help="the eight cells of issue 11's table (budget 2048 at 32K, 4096 at 128K), of --models if given")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer rows")
     parser.add_argument("--flashinfer-tensor-cores", choices=("auto", "on", "off"), default="auto",
                         help="FlashInfer's use_tensor_cores (auto: for GQA groups >= 4)")
@@ -202,8 +202,8 @@ def main() -> None:
     else:
         print(f"FlashInfer {flashinfer}: measured in the same run", flush=True)
     compiled_quest = torch.compile(quest_torch, dynamic=False)
-    if args.issue_cells:
-        cells = ISSUE_CELLS
+    if args.issue_cells:  # --models narrows them
+        cells = [cell for cell in ISSUE_CELLS if args.models is None or cell[1] in args.models]
     else:
         cells = [(S, model, B, budgets) for S in lengths for model in models for B in batches]
     for S, model, B, cell_budgets in cells:
