@@ -38,8 +38,8 @@ TORCH_LIBRARY(memops, m) {
   m.def(
       "sparse_apply(Tensor query, Tensor k_cache, Tensor v_cache, Tensor? indices, "
       "int page_size, *, Tensor? seq_lens=None, float? scale=None) -> (Tensor, Tensor)");
-  // topk_relevancy then sparse_apply over its selection, one op: the CUDA backend runs the
-  // decode step of a layer in one launch (topk_sparse_apply_tc.cuh), the others run both ops.
+  // topk_relevancy then sparse_apply over its selection, one op: every backend runs both ops;
+  // CUDA can run the decode step of a layer in one launch (topk_sparse_apply_tc.cuh, opt-in).
   m.def(
       "topk_sparse_apply(Tensor query, Tensor summary, Tensor k_cache, Tensor v_cache, int k, "
       "int page_size, *, str mode=\"bound\", Tensor? num_pages=None, Tensor? seq_lens=None, "

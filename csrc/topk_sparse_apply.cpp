@@ -28,10 +28,6 @@ TopkApplyResult topk_sparse_apply_unfused(
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, Opt, int64_t, Opt,
                                                     std::optional<double>)>();
-  // Every argument is checked before either op runs, so a bad one fails with nothing computed.
-  check_topk_sparse_apply(query, summary, k_cache, v_cache, k, page_size, std::string(mode),
-                          num_pages, seq_lens, sink_pages, recent_pages, std::string(group_reduce),
-                          scale, summary_scales);
   auto [top_scores, top_indices] =
       topk_relevancy.call(query, summary, k, mode, num_pages, sink_pages, recent_pages,
                           group_reduce, std::nullopt, summary_scales);
@@ -40,8 +36,27 @@ TopkApplyResult topk_sparse_apply_unfused(
   return {out, lse, top_scores, top_indices};
 }
 
+namespace {
+
+// Every backend without a kernel of its own: all arguments checked, then the two ops.
+TopkApplyResult topk_sparse_apply_composite(
+    const at::Tensor& query, const at::Tensor& summary, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, int64_t k, int64_t page_size, c10::string_view mode,
+    const std::optional<at::Tensor>& num_pages, const std::optional<at::Tensor>& seq_lens,
+    int64_t sink_pages, int64_t recent_pages, c10::string_view group_reduce,
+    std::optional<double> scale, const std::optional<at::Tensor>& summary_scales) {
+  check_topk_sparse_apply(query, summary, k_cache, v_cache, k, page_size, std::string(mode),
+                          num_pages, seq_lens, sink_pages, recent_pages, std::string(group_reduce),
+                          scale, summary_scales);
+  return topk_sparse_apply_unfused(query, summary, k_cache, v_cache, k, page_size, mode, num_pages,
+                                   seq_lens, sink_pages, recent_pages, group_reduce, scale,
+                                   summary_scales);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(memops, CompositeExplicitAutograd, m) {
-  m.impl("topk_sparse_apply", &topk_sparse_apply_unfused);
+  m.impl("topk_sparse_apply", &topk_sparse_apply_composite);
 }
 
 }  // namespace memops

@@ -13,7 +13,8 @@ namespace memops {
 using TopkApplyResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // (out, lse, top_scores, top_indices), through the dispatcher: each op runs its backend's kernel
-// and checks its own arguments.
+// and checks its own arguments. The caller has run check_topk_sparse_apply (the checks that span
+// both ops), so that a bad argument fails before either op computes anything.
 TopkApplyResult topk_sparse_apply_unfused(
     const at::Tensor& query, const at::Tensor& summary, const at::Tensor& k_cache,
     const at::Tensor& v_cache, int64_t k, int64_t page_size, c10::string_view mode,

@@ -27,13 +27,12 @@ TopkApplyResult topk_sparse_apply_cuda(
   const std::string mode_s(mode), reduce_s(group_reduce);
   check_topk_sparse_apply(query, summary, k_cache, v_cache, k, page_size, mode_s, num_pages,
                           seq_lens, sink_pages, recent_pages, reduce_s, scale, summary_scales);
+  if (!env_opt_in("MEMOPS_CUDA_FUSED_STEP") || summary_scales.has_value()) return unfused();
   const bool sixteen_bit = query.scalar_type() != at::kFloat;
   const bool vectorized = allows_vector(query) && allows_vector(summary) &&
                           allows_vector(k_cache) && allows_vector(v_cache);
   const c10::cuda::CUDAGuard guard(query.device());
-  if (summary_scales.has_value() || !sixteen_bit || !vectorized || !tensor_cores_available() ||
-      !env_opt_in("MEMOPS_CUDA_FUSED_STEP"))
-    return unfused();
+  if (!sixteen_bit || !vectorized || !tensor_cores_available()) return unfused();
   const int64_t B = summary.size(0), Hkv = summary.size(1), N = summary.size(2);
   const int64_t Hq = query.size(1), D = query.size(2);
   if (value_checks_now()) {
@@ -63,14 +62,8 @@ TopkApplyResult topk_sparse_apply_cuda(
   at::Tensor counters = at::zeros({1 + 3 * rows}, query.options().dtype(at::kInt));
   p.counters = counters.mutable_data_ptr<int32_t>();
   p.apply.split_done = p.counters + 1 + 2 * rows;
-  at::Tensor partial_acc, partial_stats;
-  if (p.apply.splits > 1) {
-    partial_acc = at::empty({B * Hq, p.apply.splits, D}, query.options().dtype(at::kFloat));
-    partial_stats = at::empty({2, B * Hq, p.apply.splits}, query.options().dtype(at::kFloat));
-    p.apply.partial_acc = partial_acc.mutable_data_ptr<float>();
-    p.apply.partial_max = partial_stats.mutable_data_ptr<float>();
-    p.apply.partial_sum = p.apply.partial_max + B * Hq * p.apply.splits;
-  }
+  at::Tensor partials;
+  if (p.apply.splits > 1) partials = attach_split_partials(p.apply, query);
   check_launch(cuda::launch_topk_sparse_apply_tc(p, element_type(query), resident_blocks,
                                                  current_stream()),
                "topk_sparse_apply");

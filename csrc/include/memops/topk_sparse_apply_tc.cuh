@@ -2,8 +2,9 @@
 // top-k -> Apply, i.e. topk_relevancy followed by sparse_apply over the pages it selected.
 //
 // At batch 1 the three or four kernels of the step (scoring with its fused selection, the
-// split kernel, the merge) each cost more in launch latency and ramp than in bytes. Here one
-// grid of resident blocks takes work items from a counter in order:
+// split kernel, the merge) each take far longer than their bytes; this kernel removes the
+// launches between them (on the H200 that saved less than the single grid costs: docs/cuda.md).
+// One grid of resident blocks takes work items from a counter in order:
 //   items [0, rows * score_blocks):  a block's share of one (b, kv) row's tiles, scored as
 //     relevancy_tc_kernel does (score_row_tiles_tc); the row's last scoring item selects its
 //     top-k (select_if_last_block) and publishes the row;
