@@ -29,5 +29,9 @@ SparseApplyParams sparse_apply_params(const at::Tensor& query, const at::Tensor&
                                       int64_t index_heads, int64_t slots, const int32_t* seq_lens,
                                       at::Tensor& out, at::Tensor& lse, int64_t page_size,
                                       std::optional<double> scale);
+// Float32 split partials for `p`'s plan (unnormalised outputs [B * Hq, splits, D], then maxima and
+// sums [B * Hq, splits]) in one buffer, which the caller keeps for the launch; sets
+// p.partial_acc, partial_max and partial_sum.
+at::Tensor attach_split_partials(SparseApplyParams& p, const at::Tensor& query);
 
 }  // namespace memops

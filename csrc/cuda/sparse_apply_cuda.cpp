@@ -40,6 +40,15 @@ SparseApplyParams sparse_apply_params(const at::Tensor& query, const at::Tensor&
   return p;
 }
 
+at::Tensor attach_split_partials(SparseApplyParams& p, const at::Tensor& query) {
+  const int64_t entries = p.batch * p.q_heads * p.splits;
+  at::Tensor partials = at::empty({entries * (p.dim + 2)}, query.options().dtype(at::kFloat));
+  p.partial_acc = partials.mutable_data_ptr<float>();
+  p.partial_max = p.partial_acc + entries * p.dim;
+  p.partial_sum = p.partial_max + entries;
+  return partials;
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
                                                      const at::Tensor& k_cache,
                                                      const at::Tensor& v_cache,
@@ -88,14 +97,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   // counters (zeroed here, a memset) are sized by shapes only, so the op stays capturable in a
   // CUDA graph; nothing is kept between calls.
   p.separate_merge = !env_opt_in("MEMOPS_CUDA_FUSED_MERGE");
-  at::Tensor partial_acc, partial_stats, split_done;
-  if (p.splits > 1 || p.separate_merge) {
-    partial_acc = at::empty({B * Hq, p.splits, D}, query.options().dtype(at::kFloat));
-    partial_stats = at::empty({2, B * Hq, p.splits}, query.options().dtype(at::kFloat));
-    p.partial_acc = partial_acc.mutable_data_ptr<float>();
-    p.partial_max = partial_stats.mutable_data_ptr<float>();
-    p.partial_sum = p.partial_max + B * Hq * p.splits;
-  }
+  at::Tensor partials, split_done;
+  if (p.splits > 1 || p.separate_merge) partials = attach_split_partials(p, query);
   if (p.splits > 1 && !p.separate_merge) {
     split_done = at::zeros({B * p.index_heads * p.head_chunks}, query.options().dtype(at::kInt));
     p.split_done = split_done.mutable_data_ptr<int32_t>();
