@@ -62,6 +62,11 @@ __device__ __forceinline__ T shfl_up(T v, int delta) {
 }
 #endif
 
+// Leading zero bits of a 32-bit word (32 for zero); __clz is the same intrinsic on both.
+__device__ __forceinline__ int count_leading_zeros(uint32_t v) {
+  return __clz(static_cast<int>(v));
+}
+
 // Adds 1 to hist[bin] from every active lane. Where the hardware can group lanes by value
 // (CUDA sm_70+), one lane per distinct bin does the add: score keys of a row often share their
 // high bits, and same-address shared-memory atomics serialise.

@@ -375,55 +375,106 @@ template <int kThreads>
 struct SmallSelectShared {
   unsigned hist[2][kRadixBins];
   int warp_totals[3][kThreads / gpu::kWarpSize];
+  uint32_t warp_min[kThreads / gpu::kWarpSize], warp_max[kThreads / gpu::kWarpSize];
   uint32_t boundary_bin;
   int boundary_remaining, boundary_count;
 };
 
 // kKeys: keys per thread, a power of two >= ceil(valid / kThreads). Loops of exactly that
 // width: a block has one multiprocessor to itself, so every idle predicated slot costs latency.
+// The row is a latency chain, so no load sits behind a per-key branch (each would be waited for
+// before the next is issued): all scores are loaded at once, and the chosen ones are written
+// with predicated stores at positions counted from a bit mask.
 template <int kThreads, int kKeys>
-__device__ void select_small_row(const SelectParams& p, int64_t row, int64_t valid,
+__device__ void select_small_row(const SelectParams& p, int64_t row, int valid,
                                  SmallSelectShared<kThreads>& sh) {
   static_assert(kThreads >= kRadixBins, "one histogram bin per thread at most");
+  static_assert(kKeys <= 32, "one bit a key in a 32-bit mask");
+  // Scores kept for the output (else loaded again, all at once): the 1024-thread kernel's
+  // registers do not hold two arrays of 32.
+  constexpr bool kKeepScores = kKeys <= 8;
   const int tid = threadIdx.x, lane = tid % gpu::kWarpSize, warp = tid / gpu::kWarpSize;
   const float* scores = p.scores + row * p.pages;
-  const int64_t forced = num_forced_pages(valid, p.sink_pages, p.recent_pages);
-  const int64_t candidates = valid - forced;
+  // Candidates are the pages [lo, hi); the other valid pages are forced (sinks and recent
+  // pages). Page numbers fit 32 bits: a row here has at most kLargeMaxPages.
+  const int lo = static_cast<int>(min64(p.sink_pages, valid));
+  const int hi = max(lo, valid - static_cast<int>(min64(p.recent_pages, valid)));
+  const int candidates = hi - lo, forced = valid - candidates;
   const int64_t budget = max64(p.k - forced, 0);
-  const int64_t first = int64_t(tid) * kKeys;
+  const int first = tid * kKeys;
 
+  // A thread's run of pages j0 .. j0 + kCount - 1 into out[0 ..]: at fixed offsets of one
+  // pointer when the run is all valid (one address instead of kCount), clamped into the row
+  // when it is not.
+  const auto load_run = [&](auto& out, int j0) {
+    constexpr int kCount = sizeof(out) / sizeof(out[0]);
+    if (first + j0 + kCount <= valid) {
+#pragma unroll
+      for (int j = 0; j < kCount; ++j) out[j] = gpu::load_l2(scores + first + j0 + j);
+    } else if (valid > 0) {
+#pragma unroll
+      for (int j = 0; j < kCount; ++j) out[j] = gpu::load_l2(scores + min(first + j0 + j, valid - 1));
+    }
+  };
+  float raw[kKeys];
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) raw[j] = 0.f;
+  load_run(raw, 0);
   uint32_t keys[kKeys];
   uint32_t candidate_bits = 0, forced_bits = 0;
 #pragma unroll
   for (int j = 0; j < kKeys; ++j) {
-    const int64_t page = first + j;
-    keys[j] = 0;
-    if (page < valid) {
-      if (is_forced_page(page, valid, p.sink_pages, p.recent_pages)) {
-        forced_bits |= 1u << j;
-      } else {
-        candidate_bits |= 1u << j;
-        keys[j] = order_key(gpu::load_l2(scores + page));
-      }
-    }
+    const int page = first + j;
+    const bool candidate = page >= lo && page < hi;
+    candidate_bits |= static_cast<uint32_t>(candidate) << j;
+    forced_bits |= static_cast<uint32_t>(page < valid && !candidate) << j;
+    keys[j] = candidate ? order_key(raw[j]) : 0u;
+  }
+  // The candidates' smallest and largest keys: the leading bits they share need no pass (scores
+  // of one row mostly share sign and exponent bits, so a first pass on the top digit would put
+  // nearly every key into one bin, all of them contending for one shared counter).
+  uint32_t low = 0xffffffffu, high = 0;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const bool candidate = candidate_bits >> j & 1u;
+    low = candidate && keys[j] < low ? keys[j] : low;
+    high = candidate && keys[j] > high ? keys[j] : high;
+  }
+  for (int off = gpu::kWarpSize / 2; off > 0; off /= 2) {
+    const uint32_t other_low = gpu::shfl_xor(low, off), other_high = gpu::shfl_xor(high, off);
+    low = low < other_low ? low : other_low;
+    high = high > other_high ? high : other_high;
+  }
+  if (lane == 0) {
+    sh.warp_min[warp] = low;
+    sh.warp_max[warp] = high;
   }
   if (tid < kRadixBins) sh.hist[0][tid] = 0;
   __syncthreads();
+  for (int w = 0; w < kThreads / gpu::kWarpSize; ++w) {
+    low = low < sh.warp_min[w] ? low : sh.warp_min[w];
+    high = high > sh.warp_max[w] ? high : sh.warp_max[w];
+  }
 
   // Chosen candidates: (key & mask) > prefix, plus (key & mask) == prefix when `resolved`, else
-  // the first `remaining` of the keys equal to prefix (ties go to the lower page).
-  uint32_t prefix = 0, mask = 0;
+  // the first `remaining` of the keys equal to prefix (ties go to the lower page). `open` low
+  // bits of the key are still undecided; every candidate shares the bits above them.
   int remaining = static_cast<int>(min64(budget, candidates));
   bool resolved = budget == 0 || budget >= candidates;
+  int open = low >= high ? 0 : 32 - gpu::count_leading_zeros(low ^ high);
+  uint32_t mask = open == 32 ? 0u : ~((1u << open) - 1u);
+  uint32_t prefix = low & mask;
   if (budget == 0) mask = prefix = 0xffffffffu;  // no key compares above: no candidate taken
-  for (int pass = 0; pass < 4 && !resolved; ++pass) {
-    const int shift = 24 - 8 * pass;
+  for (int pass = 0; open > 0 && !resolved; ++pass) {
+    // The next digit: up to 8 bits right below the decided ones.
+    const int shift = open > 8 ? open - 8 : 0;
+    const uint32_t digit_mask = (1u << (open - shift)) - 1u;
     unsigned* counts = sh.hist[pass & 1];
     // Plain shared atomics: measured faster here than grouping equal bins with match_any.
 #pragma unroll
     for (int j = 0; j < kKeys; ++j)
       if ((candidate_bits >> j & 1u) && (keys[j] & mask) == prefix)
-        atomicAdd(counts + ((keys[j] >> shift) & 0xffu), 1u);
+        atomicAdd(counts + ((keys[j] >> shift) & digit_mask), 1u);
     // Next pass's histogram; nobody reads it in this pass.
     if (tid < kRadixBins) sh.hist[(pass + 1) & 1][tid] = 0;
     __syncthreads();
@@ -443,49 +494,60 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int64_t val
     }
     __syncthreads();
     prefix |= sh.boundary_bin << shift;
-    mask |= 0xffu << shift;
+    mask |= digit_mask << shift;
+    open = shift;
     remaining = sh.boundary_remaining;
     resolved = sh.boundary_count == remaining;
   }
   if (budget >= candidates) mask = prefix = 0;  // every candidate
 
   // Per thread: pages taken outright, and candidates tied at the boundary key.
-  int taken = 0, tied = 0;
+  uint32_t above_bits = 0, tied_bits = 0;
 #pragma unroll
   for (int j = 0; j < kKeys; ++j) {
-    if (forced_bits >> j & 1u) ++taken;
-    if (candidate_bits >> j & 1u) {
-      const uint32_t masked = keys[j] & mask;
-      if (masked > prefix || (masked == prefix && resolved)) ++taken;
-      else if (masked == prefix) ++tied;
-    }
+    const uint32_t masked = keys[j] & mask;
+    const bool candidate = candidate_bits >> j & 1u;
+    above_bits |= static_cast<uint32_t>(candidate && (masked > prefix || (masked == prefix && resolved))) << j;
+    tied_bits |= static_cast<uint32_t>(candidate && !resolved && masked == prefix) << j;
   }
+  const int taken = __popc(forced_bits | above_bits), tied = __popc(tied_bits);
   const int packed = taken | (tied << 16);  // block totals <= kLargeMaxPages < 2^16
   int inclusive = warp_inclusive_scan(packed, lane);
   if (lane == gpu::kWarpSize - 1) sh.warp_totals[2][warp] = inclusive;
   __syncthreads();
   for (int w = 0; w < warp; ++w) inclusive += sh.warp_totals[2][w];
   const int exclusive = inclusive - packed;
-  int tie_rank = exclusive >> 16;
-  int64_t position = (exclusive & 0xffff) + min64(tie_rank, remaining);
+  // The row's ties before this thread's are exclusive >> 16; the first `remaining` are taken.
+  const int tie_rank = exclusive >> 16;
+  uint32_t take_bits = forced_bits | above_bits;
 #pragma unroll
   for (int j = 0; j < kKeys; ++j) {
-    bool take = forced_bits >> j & 1u;
-    if (candidate_bits >> j & 1u) {
-      const uint32_t masked = keys[j] & mask;
-      if (masked > prefix || (masked == prefix && resolved)) take = true;
-      else if (masked == prefix) take = tie_rank++ < remaining;
-    }
-    if (take) {
-      const int64_t page = first + j;
-      p.top_indices[row * p.k + position] = static_cast<int32_t>(page);
-      p.top_scores[row * p.k + position] = gpu::load_l2(scores + page);
-      ++position;
+    const int rank = tie_rank + __popc(tied_bits & ((1u << j) - 1u));
+    take_bits |= static_cast<uint32_t>((tied_bits >> j & 1u) && rank < remaining) << j;
+  }
+  const int position = (exclusive & 0xffff) + min(tie_rank, remaining);
+  int32_t* top_indices = p.top_indices + row * p.k;
+  float* top_scores = p.top_scores + row * p.k;
+  // Scores kept, or reloaded eight at a time (each group's loads issued together).
+  constexpr int kGroup = kKeepScores ? kKeys : 8;
+#pragma unroll
+  for (int j0 = 0; j0 < kKeys; j0 += kGroup) {
+    float group[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) group[j] = kKeepScores ? raw[j0 + j] : 0.f;
+    if (!kKeepScores && (take_bits >> j0 & ((1u << kGroup) - 1u)) != 0) load_run(group, j0);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      if (take_bits >> (j0 + j) & 1u) {
+        const int at = position + __popc(take_bits & ((1u << (j0 + j)) - 1u));
+        top_indices[at] = first + j0 + j;
+        top_scores[at] = group[j];
+      }
     }
   }
   for (int64_t j = forced + min64(budget, candidates) + tid; j < p.k; j += kThreads) {
-    p.top_indices[row * p.k + j] = -1;
-    p.top_scores[row * p.k + j] = -INFINITY;
+    top_indices[j] = -1;
+    top_scores[j] = -INFINITY;
   }
 }
 
@@ -505,12 +567,13 @@ __device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
                                                : min64(max64(p.num_pages[b], 0), p.pages);
   if (threadIdx.x == 0) report_num_pages(p, b);
   const int64_t per_thread = ceil_div(valid, kThreads);
-  if (per_thread <= 1) return select_small_row<kThreads, 1>(p, row, valid, shared);
-  if (per_thread <= 2) return select_small_row<kThreads, 2>(p, row, valid, shared);
-  if (per_thread <= 4) return select_small_row<kThreads, 4>(p, row, valid, shared);
-  if (per_thread <= 8) return select_small_row<kThreads, 8>(p, row, valid, shared);
-  if (per_thread <= 16) return select_small_row<kThreads, 16>(p, row, valid, shared);
-  select_small_row<kThreads, kSmallKeysPerThread>(p, row, valid, shared);
+  const int pages_in_row = static_cast<int>(valid);  // <= kLargeMaxPages (the callers' bound)
+  if (per_thread <= 1) return select_small_row<kThreads, 1>(p, row, pages_in_row, shared);
+  if (per_thread <= 2) return select_small_row<kThreads, 2>(p, row, pages_in_row, shared);
+  if (per_thread <= 4) return select_small_row<kThreads, 4>(p, row, pages_in_row, shared);
+  if (per_thread <= 8) return select_small_row<kThreads, 8>(p, row, pages_in_row, shared);
+  if (per_thread <= 16) return select_small_row<kThreads, 16>(p, row, pages_in_row, shared);
+  select_small_row<kThreads, kSmallKeysPerThread>(p, row, pages_in_row, shared);
 }
 
 // For a scoring kernel that selects in its last block: counts this block done on its row
