@@ -215,14 +215,15 @@ def test_topk_relevancy_million_pages_k4096():
 
 
 # The 16-bit summaries with D of 64 or 128 and groups of up to 8 heads are scored on the tensor
-# cores, and rows of up to 8192 pages are selected inside the scoring kernel; these cases cover
-# both sides of each of those limits and many blocks per row.
+# cores, and rows of up to 2048 pages are selected inside the scoring kernel (longer ones by the
+# selection kernel); these cases cover both sides of each of those limits and many blocks per row.
+@pytest.mark.parametrize("N", [1500, 3001])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,reps", [("bound", 2), ("dot", 1), ("dot", 2)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("hq_hkv", [(8, 8), (32, 8), (28, 4), (64, 8), (40, 4)])
-def test_topk_relevancy_tensor_core_paths(dtype, mode, reps, D, hq_hkv):
-    check_integer_topk(dtype, mode, reps, D, hq_hkv, N=3001, k=129)
+def test_topk_relevancy_tensor_core_paths(dtype, mode, reps, D, hq_hkv, N):
+    check_integer_topk(dtype, mode, reps, D, hq_hkv, N=N, k=129)
 
 
 @pytest.mark.parametrize("mode,reps", [("bound", 2), ("dot", 2)])

@@ -37,7 +37,7 @@ void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
   // As the 16-bit summaries: rows short enough are selected by the scoring kernel's last block
   // of each row (per-row done counters zeroed here, a memset, so the step stays capturable).
   at::Tensor done;
-  if (ip.pages <= kFusedSelectMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT"))
+  if (ip.pages <= kFusedSelectDefaultMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT"))
     done = at::zeros({ip.batch * ip.kv_heads}, query.options().dtype(at::kInt));
   int* done_ptr = done.defined() ? done.mutable_data_ptr<int32_t>() : nullptr;
   const bool vectorized = allows_vector(codes);
@@ -136,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
     // Rows short enough are selected by the scoring kernel's last block of each row; the
     // per-row done counters are zeroed here (a memset, so the step stays graph-capturable).
     at::Tensor done;
-    if (N <= kFusedSelectMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT")) done = at::zeros({B * Hkv}, query.options().dtype(at::kInt));
+    if (N <= kFusedSelectDefaultMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT"))
+      done = at::zeros({B * Hkv}, query.options().dtype(at::kInt));
     check_launch(cuda::launch_topk_relevancy_tc(
                      rp, sp, element_type(query),
                      done.defined() ? done.mutable_data_ptr<int32_t>() : nullptr, grid_limit(2),
