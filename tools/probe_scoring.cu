@@ -1,7 +1,8 @@
 // Times the tensor-core bound scoring kernel (relevancy_tc_kernel) and the row selection on one
 // GPU, with no torch: blocks per row, the selection fused or as a kernel of its own after the
-// scoring, the selection alone with cold and warm caches, an empty launch for scale. tools/gpu_probe.sh builds it twice (this tree's headers, and older ones) to
-// compare two versions in one run. An experiment tool (the ops are measured in
+// scoring, the selection alone with cold and warm caches, an empty launch for scale.
+// tools/gpu_probe.sh builds it twice (this tree's headers, and older ones) to compare two
+// versions in one run. An experiment tool (the ops are measured in
 // benchmarks/); every variant's scores are checked bit-equal to the default kernel's.
 //   nvcc -std=c++20 -O3 -arch=sm_90 --expt-relaxed-constexpr -Icsrc/include tools/probe_scoring.cu
 //   ./a.out [shape [variant]]   one line per (shape, variant) whose names contain the arguments:
