@@ -22,11 +22,19 @@ MEMOPS_HD bool is_forced_page(int64_t p, int64_t num_valid, int64_t sink_pages,
   return p < sink_pages || p >= num_valid - recent_pages;
 }
 
+// The pages that compete for the budget are [candidate_begin, candidate_end): the valid pages
+// that are not forced.
+MEMOPS_HD int64_t candidate_begin(int64_t num_valid, int64_t sink_pages) {
+  return min64(sink_pages, num_valid);
+}
+MEMOPS_HD int64_t candidate_end(int64_t num_valid, int64_t sink_pages, int64_t recent_pages) {
+  return max64(candidate_begin(num_valid, sink_pages), num_valid - min64(recent_pages, num_valid));
+}
+
 // Number of forced pages of a row.
 MEMOPS_HD int64_t num_forced_pages(int64_t num_valid, int64_t sink_pages, int64_t recent_pages) {
-  const int64_t sink = min64(sink_pages, num_valid);
-  const int64_t recent = min64(recent_pages, num_valid - sink);
-  return sink + recent;
+  return num_valid - (candidate_end(num_valid, sink_pages, recent_pages) -
+                      candidate_begin(num_valid, sink_pages));
 }
 
 }  // namespace memops

@@ -397,8 +397,8 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int valid,
   const float* scores = p.scores + row * p.pages;
   // Candidates are the pages [lo, hi); the other valid pages are forced (sinks and recent
   // pages). Page numbers fit 32 bits: a row here has at most kLargeMaxPages.
-  const int lo = static_cast<int>(min64(p.sink_pages, valid));
-  const int hi = max(lo, valid - static_cast<int>(min64(p.recent_pages, valid)));
+  const int lo = static_cast<int>(candidate_begin(valid, p.sink_pages));
+  const int hi = static_cast<int>(candidate_end(valid, p.sink_pages, p.recent_pages));
   const int candidates = hi - lo, forced = valid - candidates;
   const int64_t budget = max64(p.k - forced, 0);
   const int first = tid * kKeys;
