@@ -7,6 +7,15 @@
 namespace memops {
 namespace {
 
+// Per-row done counters for a scoring kernel that selects each row in its last block: for rows
+// of up to kFusedSelectDefaultMaxPages pages unless MEMOPS_CUDA_FUSED_SELECT=0, zeroed here (a
+// memset, so the op stays graph-capturable). Undefined when the selection runs as a kernel of
+// its own.
+at::Tensor fused_select_counters(int64_t pages, int64_t rows, const at::Tensor& like) {
+  if (pages > kFusedSelectDefaultMaxPages || !env_switch("MEMOPS_CUDA_FUSED_SELECT")) return {};
+  return at::zeros({rows}, like.options().dtype(at::kInt));
+}
+
 // An int8 summary: codes + page scales, scored on tensor cores for 16-bit queries where
 // int8_tc_supported (int8_summary_tc.cuh), else by the portable kernel (int8_summary.cuh); the
 // selection as for the 16-bit summaries.
@@ -34,11 +43,8 @@ void topk_relevancy_int8_cuda(const at::Tensor& query, const at::Tensor& codes,
   ip.reduce = parse_group_reduce("topk_relevancy", group_reduce);
   SelectParams sp = select_params(scores, ip.num_pages, top_scores, top_indices, k, sink_pages,
                                   recent_pages);
-  // As the 16-bit summaries: rows short enough are selected by the scoring kernel's last block
-  // of each row (per-row done counters zeroed here, a memset, so the step stays capturable).
-  at::Tensor done;
-  if (ip.pages <= kFusedSelectDefaultMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT"))
-    done = at::zeros({ip.batch * ip.kv_heads}, query.options().dtype(at::kInt));
+  // As the 16-bit summaries: rows short enough are selected by the scoring kernel.
+  at::Tensor done = fused_select_counters(ip.pages, ip.batch * ip.kv_heads, query);
   int* done_ptr = done.defined() ? done.mutable_data_ptr<int32_t>() : nullptr;
   const bool vectorized = allows_vector(codes);
   if (tensor_cores_available() &&
@@ -133,11 +139,8 @@ std::tuple<at::Tensor, at::Tensor> topk_relevancy_cuda(
   const bool vectorized = allows_vector(summary) && allows_vector(query);
   if (tensor_cores_available() &&
       relevancy_tc_supported(rp, vectorized, query.scalar_type() != at::kFloat)) {
-    // Rows short enough are selected by the scoring kernel's last block of each row; the
-    // per-row done counters are zeroed here (a memset, so the step stays graph-capturable).
-    at::Tensor done;
-    if (N <= kFusedSelectDefaultMaxPages && env_switch("MEMOPS_CUDA_FUSED_SELECT"))
-      done = at::zeros({B * Hkv}, query.options().dtype(at::kInt));
+    // Rows short enough are selected by the scoring kernel's last block of each row.
+    at::Tensor done = fused_select_counters(N, B * Hkv, query);
     check_launch(cuda::launch_topk_relevancy_tc(
                      rp, sp, element_type(query),
                      done.defined() ? done.mutable_data_ptr<int32_t>() : nullptr, grid_limit(2),
