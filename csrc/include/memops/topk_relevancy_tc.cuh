@@ -72,7 +72,7 @@ __device__ __forceinline__ void score_row_tiles_tc(const RelevancyParams& p, int
   const auto prefetch_tile = [&](int64_t tile) {
     const int64_t page = tile * kTilePages + lane % 16;
     const int r = lane / 16;
-    if (tile < tiles && page < limit && r < kReps) {
+    if (page < limit && r < kReps) {  // a page inside the row: its tile is one of the row's
       const char* rep = reinterpret_cast<const char*>(summary + page * p.summary_stride[2] +
                                                       r * p.summary_stride[3]);
 #pragma unroll
