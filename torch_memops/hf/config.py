@@ -73,6 +73,13 @@ class MemopsConfig:
     pin_memory : bool
         With ``offload``: page-lock the host buffers (``"host"`` requires it on a GPU;
         ``"host_gather"`` needs it for asynchronous copies; ignored where CUDA is not available).
+    defer_stop_check : bool
+        On CUDA, let ``generate()`` read its "all rows stopped" flag one step late (transformers'
+        ``DeferredStopCheck``), so that the host queues the next decode step while the GPU runs
+        this one instead of waiting for it. A generation stopped by EOS runs one step more, which
+        is undone (the static cache is cropped; a dynamic cache that the caller gets back keeps
+        the per-step check). ``False``: transformers' own rule (a check every step on CUDA).
+        See ``torch_memops/hf/stop_check.py``.
     """
 
     method: str = "quest"
@@ -86,6 +93,7 @@ class MemopsConfig:
     placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
     offload: Optional[str] = None
     pin_memory: bool = True
+    defer_stop_check: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -125,6 +133,8 @@ class MemopsConfig:
             raise ValueError(f"MemopsConfig.offload must be one of {OFFLOAD_KINDS}, got {self.offload!r}")
         if not isinstance(self.pin_memory, bool):
             raise ValueError(f"MemopsConfig.pin_memory must be a bool, got {self.pin_memory!r}")
+        if not isinstance(self.defer_stop_check, bool):
+            raise ValueError(f"MemopsConfig.defer_stop_check must be a bool, got {self.defer_stop_check!r}")
         if self.offload is not None:
             named = {step: kind for step, kind in self.placement.items() if kind != "auto"}
             if named:

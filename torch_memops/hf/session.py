@@ -1,5 +1,6 @@
 """``enable(model, config)``: the session, the registration of the attention function and mask,
-and the one patch of ``generate``'s cache preparation; all reverted on exit."""
+the patch of ``generate``'s cache preparation, and the deferred stop check of its caches
+(``stop_check``); all reverted on exit."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from .attention import ATTENTION_NAME, SESSION_ATTRIBUTE, memops_attention
 from .cache import cache_classes
 from .config import MemopsConfig
+from . import stop_check
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
@@ -187,6 +189,8 @@ def enable(model, config: Optional[MemopsConfig] = None) -> Iterator[Session]:
         model.set_attn_implementation(ATTENTION_NAME)
         model._prepare_cache_for_generation = _replace_generated_cache(session, model._prepare_cache_for_generation)
         model.generate = _release_cache_after(session, model.generate)
+        if config.defer_stop_check:
+            stop_check.register(session)
         yield session
     finally:
         model.__dict__.pop("_prepare_cache_for_generation", None)
@@ -196,6 +200,7 @@ def enable(model, config: Optional[MemopsConfig] = None) -> Iterator[Session]:
         for module in modules:
             module.__dict__.pop(SESSION_ATTRIBUTE, None)
         session.active_cache = None
+        stop_check.unregister(session)
         _ACTIVE_COUNT -= 1
         if _ACTIVE_COUNT == 0:
             _unregister_interfaces()
