@@ -220,3 +220,88 @@ def test_compiled_row_write_stays_in_place(write, in_place):
     assert int((buffer != 0).sum()) == values.numel()
     whole_buffer_loop = str(buffer.numel()) in "\n".join(code)
     assert whole_buffer_loop is not in_place
+
+
+def _forced_step(model, cache, token, mask):
+    arg = hf.cache_argument(model)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=token, attention_mask=mask, use_cache=True, **{arg: cache}).logits[:, -1]
+    return logits, mask
+
+
+def test_static_crop_forgets_the_newest_token_exactly():
+    """What transformers' deferred stop check needs: a step run past the end, then crop(-1), leaves
+    the cache as if that step had never run. Rows of 45 and 20 tokens + 3: the dropped token opens a
+    new page in row 0 (position 48) and sits mid-page in row 1 (position 23)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded([45, 20], 45)
+    forced = prompt(batch=2, length=5, seed=11)
+    config = hf.MemopsConfig(page_size=PAGE, token_budget=3 * PAGE, dense_layers=1)
+    with torch.no_grad(), hf.enable(model, config) as session:
+        runs = []
+        for extra in (False, True):
+            cache = session.new_cache(max_cache_len=72)
+            arg = hf.cache_argument(model)
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **{arg: cache})
+            step_mask = mask
+            for t in range(3):
+                _, step_mask = _forced_step(model, cache, forced[:, t:t + 1], step_mask)
+            if extra:
+                _forced_step(model, cache, forced[:, 4:5], step_mask)
+                assert cache.is_croppable
+                cache.crop(0)  # what the deferred check calls every step: nothing changes
+                assert cache.layers[1].seq_lens_host.tolist() == [49, 24]
+                cache.crop(-1)
+            lens = [layer.seq_lens_host.tolist() for layer in cache.layers]
+            seen = int(cache.get_seq_length())
+            logits, _ = _forced_step(model, cache, forced[:, 3:4], step_mask)
+            runs.append((lens, seen, logits))
+    (lens_a, seen_a, logits_a), (lens_b, seen_b, logits_b) = runs
+    assert lens_a == lens_b and lens_a[1] == [48, 23] and seen_a == seen_b == 48
+    assert torch.equal(logits_a, logits_b), "the step after the crop computes what it would have without the extra step"
+
+
+def test_crop_refuses_what_it_cannot_undo():
+    model = tiny_model("llama")
+    with torch.no_grad(), hf.enable(model, hf.MemopsConfig(page_size=PAGE)) as session:
+        dynamic = session.new_cache()
+        greedy_loop(model, dynamic, prompt(length=20), steps=1)
+        assert not dynamic.is_croppable
+        dynamic.crop(0)
+        with pytest.raises(NotImplementedError, match="only the static cache"):
+            dynamic.crop(-1)
+        static = session.new_cache(max_cache_len=32)
+        greedy_loop(model, static, prompt(length=20), steps=1)
+        with pytest.raises(NotImplementedError, match="as a negative int"):
+            static.crop(5)
+        with pytest.raises(TypeError, match="tokens_to_remove must be an int"):
+            static.crop(-1.0)
+
+
+def test_deferred_stop_check_is_allowed_for_this_sessions_caches_only():
+    """enable() lets transformers' DeferredStopCheck run on CUDA for its own caches, by
+    transformers' rule for the cache (croppable, or not returned); every other case keeps
+    transformers' answer, and leaving the context restores it."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    original = DeferredStopCheck.is_supported
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    stock = transformers.StaticCache(config=tiny_model("llama").config, max_cache_len=16)
+    model = tiny_model("llama")
+    with hf.enable(model) as session:
+        static, dynamic = session.new_cache(max_cache_len=32), session.new_cache()
+        supported = DeferredStopCheck.is_supported
+        assert supported(cuda, static, True, is_assistant=False)
+        assert supported(cuda, dynamic, False, is_assistant=False)
+        assert not supported(cuda, dynamic, True, is_assistant=False), "a returned dynamic cache cannot be undone"
+        assert not supported(cuda, static, True, is_assistant=True)
+        assert not supported(cpu, static, True, is_assistant=False), "no CPU events: transformers' answer"
+        assert supported(cuda, stock, False, is_assistant=False) == original(cuda, stock, False, is_assistant=False)
+        with hf.enable(tiny_model("llama"), hf.MemopsConfig(defer_stop_check=False)) as other:
+            assert not supported(cuda, other.new_cache(max_cache_len=32), True, is_assistant=False)
+        assert supported(cuda, static, True, is_assistant=False), "the inner context left the outer one's rule"
+    assert DeferredStopCheck.is_supported is original
+    assert not DeferredStopCheck.is_supported(cuda, static, True, is_assistant=False)
+    with pytest.raises(ValueError, match="defer_stop_check must be a bool"):
+        hf.MemopsConfig(defer_stop_check=1)

@@ -37,7 +37,6 @@ class MemopsLayer:
     """
 
     is_sliding = False
-    is_croppable = False
     supports_early_init = False
 
     def __init__(self, config: MemopsConfig, sparse: bool, layer_idx: int = 0, max_cache_len: Optional[int] = None):
@@ -56,6 +55,11 @@ class MemopsLayer:
         self.storage: Optional[LayerStorage] = None
         self.transfer: Optional[HostTransfer] = None  # offload="host_gather": staging shared by the cache's layers
         self.reset()
+
+    @property
+    def is_croppable(self) -> bool:
+        """A static layer can drop its newest tokens exactly (:meth:`crop`); a dynamic one cannot."""
+        return self.max_cache_len is not None
 
     @property
     def is_compileable(self) -> bool:
@@ -183,7 +187,25 @@ class MemopsLayer:
         raise NotImplementedError("MemopsCache places its buffers by MemopsConfig.placement; offloading is not supported")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("MemopsCache cannot be cropped (assisted decoding is not supported)")
+        """Drop the newest ``-tokens_to_remove`` tokens (a negative count, as transformers passes it;
+        0 does nothing). Static layers only, on the device without a sync: the lengths go back, and
+        the next decode step re-prepares the summary of the page it writes from the keys that
+        remain, so the cache is as if those tokens had never come."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(f"MemopsCache.crop: tokens_to_remove must be an int, got {tokens_to_remove!r}")
+        if tokens_to_remove == 0:
+            return
+        if self.max_cache_len is None:
+            raise NotImplementedError("MemopsCache.crop: only the static cache (max_cache_len set) can be cropped; "
+                                      "assisted decoding and rollbacks need cache_implementation='static'")
+        if tokens_to_remove > 0:
+            raise NotImplementedError(
+                f"MemopsCache.crop: pass the number of tokens to remove as a negative int (transformers' current "
+                f"convention); the deprecated absolute length {tokens_to_remove} would need a host read of the length")
+        if not self.is_initialized:
+            return
+        self.seen.sub_(-tokens_to_remove).clamp_(min=0)
+        self.storage.drop_newest(-tokens_to_remove)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -152,6 +152,13 @@ class LayerStorage:
         self.max_len, self.min_len = int(self._host_lens.max()), int(self._host_lens.min())
         self.seq_lens = {self.memory_device: lens.to(self.memory_device, copy=True)}
 
+    def drop_newest(self, tokens: int) -> None:
+        """Static only: forget each row's newest ``tokens`` tokens (on the device, no sync). Their
+        keys stay in the buffer past the length, where nothing reads them; the summary of the page
+        that held them is recomputed by the next decode write into that page."""
+        for lens in self.seq_lens.values():
+            lens.sub_(tokens).clamp_(min=0)
+
     @property
     def host_lens(self) -> Optional[Tensor]:
         """Dynamic only: ``int32 [B]`` lengths on the CPU (no device read)."""
