@@ -4,7 +4,8 @@
 # budget. Results (JSON, Markdown, logs) go flat under $OUT.
 #
 #   BUDGET_S=500                      whole call, seconds (every stage is cut to fit)
-#   STAGES="build e2e decode"         what to run (also "ops": bench_ops.py $OPS_ARGS, FlashInfer rows too)
+#   STAGES="build e2e decode"         what to run (also "ops": bench_ops.py $OPS_ARGS, FlashInfer rows too;
+#                                     "hf": tests/test_hf_static.py and tools/gpu_hf_check.py, first)
 #   OPS_ARGS="--quick"
 #   E2E_CELLS="8x32K,1x32K"           bench_e2e cells (all six: 1x8K,8x8K,1x32K,8x32K,1x128K,4x128K)
 #   E2E_ROWS=all                      or a comma-separated subset of bench_e2e's rows
@@ -73,6 +74,18 @@ transformers.__version__)" 2>&1 | tail -1
 python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>/dev/null ||
   echo "flashinfer: not importable (its rows are skipped)"
 
+if [[ " $STAGES " == *" hf "* ]]; then
+  # Graph-captured / compiled generate() tokens vs eager on this GPU (what tools/gpu_hf.sh runs).
+  t0=$(date +%s)
+  (cd tests && timeout 150 python3 -m pytest -q -rs -p no:cacheprovider test_hf_static.py) \
+    > "$OUT/tests_hf_static$TAG.log" 2>&1
+  echo "tests/test_hf_static.py: rc $? in $(( $(date +%s) - t0 )) s"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_hf_static$TAG.log" | head -10
+  t0=$(date +%s)
+  OUT="$OUT" timeout 300 python3 tools/gpu_hf_check.py > "$OUT/gpu_hf$TAG.log" 2>&1
+  echo "gpu_hf_check: rc $? in $(( $(date +%s) - t0 )) s"
+  grep -E "PASS|FAIL" "$OUT/gpu_hf$TAG.log" | head -20
+fi
 if [[ " $STAGES " == *" e2e "* ]]; then
   reserve=0
   [[ " $STAGES " == *" decode "* ]] && reserve=$DECODE_S

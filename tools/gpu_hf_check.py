@@ -27,7 +27,7 @@ results = {"torch": torch.__version__, "transformers": transformers.__version__,
 
 def synchronize():
     if DEVICE == "cuda":
-        synchronize()
+        torch.cuda.synchronize()
 
 
 def set_sync_debug_mode(mode):
@@ -72,6 +72,32 @@ def per_token_ms(model, ids, mask, repeats=3, **kwargs):
     timed(1 + NEW_TOKENS)
     samples = sorted((timed(1 + NEW_TOKENS) - timed(1)) / NEW_TOKENS for _ in range(1 if DRY_RUN else repeats))
     return 1e3 * samples[len(samples) // 2]
+
+
+def check_deferred_stop(model, ids, mask, compile_config):
+    """The deferred stop check (MemopsConfig.defer_stop_check, on by default) gives the tokens of
+    the per-step check, also when EOS stops generation early: one step then runs past the end and
+    the returned static cache is cropped back. One row; EOS is the token it makes at step 5 (2 in a dry run)."""
+    ids = ids[:1]
+    runs = {}
+    eos = None
+    for name, defer in (("reference", False), ("per-step", False), ("deferred", True)):
+        config = hf.MemopsConfig(method="quest", page_size=16, token_budget=256, dense_layers=1,
+                                 defer_stop_check=defer)
+        stop = {} if eos is None else dict(eos_token_id=eos)
+        with hf.enable(model, config), torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                 cache_implementation="static", compile_config=compile_config,
+                                 return_dict_in_generate=True, **stop)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        runs[name] = (out.sequences, int(cache.get_seq_length()), [layer.seq_lens_host.tolist() for layer in cache.layers])
+        if eos is None:
+            eos = int(out.sequences[0, ids.shape[1] + min(5, NEW_TOKENS - 2)])
+    (seq_d, seen_d, lens_d), (seq_s, seen_s, lens_s) = runs["deferred"], runs["per-step"]
+    made = seq_s.shape[1] - ids.shape[1]
+    record("ours: deferred stop check (EOS) tokens and returned cache == per-step check",
+           torch.equal(seq_d, seq_s) and seen_d == seen_s and lens_d == lens_s and made < NEW_TOKENS,
+           f"{made} of {NEW_TOKENS} tokens made before EOS; cache length {seen_d} vs {seen_s}")
 
 
 def main():
@@ -133,6 +159,7 @@ def main():
                              ("ours compiled (static, inductor+cudagraphs)",
                               dict(cache_implementation="static", compile_config=inductor))):
             results["decode_ms"][name] = per_token_ms(model, ids, mask, **kwargs)
+    check_deferred_stop(model, ids, mask, inductor)
     torch._dynamo.reset()
     model.__dict__.pop("_compiled_call", None)
     results["decode_ms"]["stock eager (DynamicCache)"] = per_token_ms(model, ids, mask)
