@@ -21,6 +21,14 @@ compare run first for every cell, then ``ours-dense-compiled`` and ``stock-stati
   or ``session.new_cache(max_cache_len=N)``), auto-compiled by transformers.
 - ``ours-dense-compiled``: ``method="dense"`` through the compiled cache: tells graph gains from
   sparsity gains.
+- ``ours-compiled-sync``: ours compiled with ``defer_stop_check=False``: the stop check every step,
+  as stock ``generate()`` does on CUDA (the host waits for each step before it prepares the next).
+- ``stock-static-deferred``: stock static, auto-compiled, with transformers' ``DeferredStopCheck``
+  turned on for CUDA by patching its rule (not a stock setting; these runs cannot stop before
+  ``max_new_tokens``, so no cache is ever cropped): what the host-side change alone gives stock,
+  so that ours is not credited with it.
+- ``ours-int8-compiled``: ours compiled with ``method="quest_int8"`` (the bound-preserving int8
+  page summary: scoring reads half the bytes). The floor columns stay those of the 16-bit summary.
 
 Next to them the bandwidth floor of a decode step at the copy peak measured in the same run:
 the weights read once (all parameters but the embedding table, of which ``B`` rows) plus the
@@ -50,6 +58,7 @@ run only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -91,6 +100,7 @@ class RowSpec:
     attn: str = "sdpa"
     method: str = "quest"
     compile: bool = True  # False: the static cache with generate(disable_compile=True)
+    defer: Optional[bool] = None  # read generate()'s stop flag a step late (None: the row's default)
 
 
 ROWS = [
@@ -104,6 +114,12 @@ ROWS = [
     RowSpec("ours-compiled", "generate() in hf.enable, static MemopsCache, auto-compiled", ours=True, static=True),
     RowSpec("ours-dense-compiled", "generate() in hf.enable, static MemopsCache, method='dense', auto-compiled",
             ours=True, static=True, method="dense"),
+    RowSpec("ours-compiled-sync", "ours-compiled with defer_stop_check=False (a stop check every step)", ours=True,
+            static=True, defer=False),
+    RowSpec("stock-static-deferred", "stock-static with transformers' DeferredStopCheck patched on for CUDA",
+            ours=False, static=True, defer=True),
+    RowSpec("ours-int8-compiled", "ours-compiled with method='quest_int8' (int8 page summaries)", ours=True,
+            static=True, method="quest_int8"),
 ]
 ROW_NAMES = [row.name for row in ROWS]
 # Run first, for every cell: the rows that the issue's targets compare.
@@ -176,6 +192,34 @@ def build_model(shape: dict, layers: int, dtype, device):
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
+
+
+@contextlib.contextmanager
+def stock_deferred_stop_check(on: bool):
+    """``on``: transformers' ``DeferredStopCheck`` for every non-assistant decode (its own rule: "mps"
+    only), for the stock-static-deferred row. The stock ``StaticCache`` cannot be cropped, and the
+    check would crop the cache handed in here (``crop(0)`` every step), so the check is told the
+    cache is not handed back: sound here because every call makes exactly ``max_new_tokens`` and
+    the step it would undo (the one past an EOS) is never run."""
+    if not on:
+        yield
+        return
+    from transformers.generation.utils import DeferredStopCheck
+
+    original_rule, original_init = DeferredStopCheck.is_supported, DeferredStopCheck.__init__
+
+    def init_without_cache(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
+        original_init(self, input_ids, max_length, None, False, streamer)
+
+    # CUDA only, as ours: the check records torch.Event, which the CPU backend lacks.
+    DeferredStopCheck.is_supported = staticmethod(
+        lambda device, cache, returned, is_assistant: device.type == "cuda" and not is_assistant)
+    DeferredStopCheck.__init__ = init_without_cache
+    try:
+        yield
+    finally:
+        DeferredStopCheck.is_supported = staticmethod(original_rule)
+        DeferredStopCheck.__init__ = original_init
 
 
 def synchronize(device):
@@ -253,7 +297,7 @@ class Runner:
 
     def memops_config(self, spec: RowSpec) -> hf.MemopsConfig:
         return hf.MemopsConfig(method=spec.method, page_size=self.args.page_size, token_budget=self.args.budget,
-                               dense_layers=self.args.dense_layers)
+                               dense_layers=self.args.dense_layers, defer_stop_check=spec.defer is not False)
 
     def generate(self, inputs: dict, new_tokens: int, extra: dict):
         synchronize(self.device)
@@ -283,7 +327,8 @@ class Runner:
                 with hf.enable(model, self.memops_config(spec)) as session:
                     self._time(spec, cell, session, inputs, compile_kwargs, max_cache_len, result)
             else:
-                self._time(spec, cell, None, inputs, compile_kwargs, max_cache_len, result)
+                with stock_deferred_stop_check(spec.defer is True):
+                    self._time(spec, cell, None, inputs, compile_kwargs, max_cache_len, result)
         except Exception as error:  # a failing row must not stop the table
             result.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
             result.extra["traceback"] = traceback.format_exc(limit=4)[-1500:]
@@ -408,6 +453,8 @@ def cell_summary(cell_rows: list[RowResult], floors: dict) -> dict:
     for name, a, b in (("ours_compiled_tokens_equal_eager", "ours-compiled", "ours-eager"),
                        ("ours_static_eager_tokens_equal_eager", "ours-static-eager", "ours-eager"),
                        ("ours_dense_tokens_equal_stock", "ours-dense-compiled", "stock-dynamic"),
+                       ("ours_compiled_tokens_equal_sync", "ours-compiled", "ours-compiled-sync"),
+                       ("stock_deferred_tokens_equal_static", "stock-static-deferred", "stock-static"),
                        ("stock_static_tokens_equal_dynamic", "stock-static", "stock-dynamic")):
         if a in tokens and b in tokens:
             summary[name] = tokens[a] == tokens[b]
