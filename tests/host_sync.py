@@ -3,7 +3,9 @@
 On a GPU a host sync is a device-to-host read: ``Tensor.item()``, ``int(t)``, ``bool(t)``,
 ``float(t)``, ``t.tolist()``, ``t.cpu()``, ``t.numpy()``, indexing a Python sequence with a
 tensor, or an op whose output shape depends on data (``nonzero``, boolean-mask indexing,
-``masked_select``, ``unique``). On the CPU none of these synchronise, so they go unnoticed there.
+``masked_select``, ``unique``), and a tensor made from host data (``torch.tensor``,
+``torch.as_tensor``, ``Tensor.new_tensor``: a copy from pageable host memory, which the host
+waits for; ``set_sync_debug_mode("error")`` rejects it on the GPU). On the CPU none of these synchronise, so they go unnoticed there.
 :func:`forbid_host_sync` makes each of them raise, at two levels: Python calls on tensors
 (a ``TorchFunctionMode``) and dispatcher ops, which C++ code reaches too (a
 ``TorchDispatchMode``: ``aten._local_scalar_dense`` is what every scalar read becomes), and
@@ -18,7 +20,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-FORBIDDEN_METHODS = {"item", "tolist", "cpu", "numpy", "__int__", "__bool__", "__float__", "__index__", "__array__"}
+FORBIDDEN_METHODS = {"item", "tolist", "cpu", "numpy", "__int__", "__bool__", "__float__", "__index__", "__array__",
+                     "new_tensor", "tensor", "as_tensor"}
 FORBIDDEN_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
                  "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::argwhere"}
 

@@ -178,6 +178,14 @@ def test_the_host_sync_check_catches_a_scalar_read():
             with pytest.raises(HostSyncError, match=f"Tensor.{method}"):
                 with forbid_host_sync():
                     getattr(torch.arange(3), method)()
+        # A fill value made with new_tensor (a host-to-device copy on a GPU; it was in the
+        # summary refresh and only the GPU's sync debug mode saw it).
+        with pytest.raises(HostSyncError, match="Tensor.new_tensor"):
+            with forbid_host_sync():
+                torch.arange(3.0).new_tensor(float("inf"))
+        with pytest.raises(HostSyncError, match="Tensor.tensor"):
+            with forbid_host_sync():
+                torch.tensor([1.0])
         with pytest.raises(HostSyncError, match="boolean mask"):
             with forbid_host_sync():
                 torch.arange(3)[torch.arange(3) > 0]

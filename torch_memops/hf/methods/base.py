@@ -65,8 +65,9 @@ def newest_page_tokens(keys: Tensor, page_size: int, seq_lens: Tensor):
 def newest_page_minmax(keys: Tensor, page_size: int, seq_lens: Tensor):
     """``(page [B], [B, H, 2, D])``: the exact min and max of each row's newest page."""
     page, tokens, valid = newest_page_tokens(keys, page_size, seq_lens)
-    low = torch.where(valid, tokens, tokens.new_tensor(float("inf"))).amin(dim=2)
-    high = torch.where(valid, tokens, tokens.new_tensor(float("-inf"))).amax(dim=2)
+    # masked_fill with a Python scalar: a new_tensor fill value would be a host-to-device copy
+    low = tokens.masked_fill(~valid, float("inf")).amin(dim=2)
+    high = tokens.masked_fill(~valid, float("-inf")).amax(dim=2)
     return page, torch.stack((low, high), dim=2)
 
 
