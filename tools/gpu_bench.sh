@@ -10,6 +10,9 @@
 #   E2E_CELLS="8x32K,1x32K"           bench_e2e cells (all six: 1x8K,8x8K,1x32K,8x32K,1x128K,4x128K)
 #   E2E_ROWS=all                      or a comma-separated subset of bench_e2e's rows
 #   E2E_ARGS="--new-tokens 16 --repeats 3 --warmup 1"
+#   E2E_MORE=""                       "CELLS ROWS": a second bench_e2e run after the first (other rows
+#                                     for other cells), results tagged $TAG-more
+#   HF_TESTS=1                        0: the hf stage runs gpu_hf_check.py only
 #   DECODE_S=100                      seconds kept for the decode stage when it runs
 #   DECODE_ARGS="--issue-cells --no-compile"   (issue 11's eight cells; any bench_decode.py options)
 #   TAG=""                            suffix of the result files
@@ -77,10 +80,12 @@ python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>/d
 if [[ " $STAGES " == *" hf "* ]]; then
   # Graph-captured / compiled generate() tokens vs eager on this GPU (what tools/gpu_hf.sh runs).
   t0=$(date +%s)
-  (cd tests && timeout 150 python3 -m pytest -q -rs -p no:cacheprovider test_hf_static.py) \
-    > "$OUT/tests_hf_static$TAG.log" 2>&1
-  echo "tests/test_hf_static.py: rc $? in $(( $(date +%s) - t0 )) s"
-  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_hf_static$TAG.log" | head -10
+  if [ "${HF_TESTS:-1}" = 1 ]; then
+    (cd tests && timeout 150 python3 -m pytest -q -rs -p no:cacheprovider test_hf_static.py) \
+      > "$OUT/tests_hf_static$TAG.log" 2>&1
+    echo "tests/test_hf_static.py: rc $? in $(( $(date +%s) - t0 )) s"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_hf_static$TAG.log" | head -10
+  fi
   t0=$(date +%s)
   OUT="$OUT" timeout 300 python3 tools/gpu_hf_check.py > "$OUT/gpu_hf$TAG.log" 2>&1
   echo "gpu_hf_check: rc $? in $(( $(date +%s) - t0 )) s"
@@ -99,6 +104,15 @@ if [[ " $STAGES " == *" e2e "* ]]; then
     --out "$OUT" --tag="$TAG" > "$OUT/e2e$TAG.log" 2>&1
   echo "bench_e2e: rc $? in $(( $(date +%s) - t0 )) s"
   grep -E "^B[0-9]+ " "$OUT/e2e$TAG.log" | tail -40
+  if [ -n "${E2E_MORE:-}" ]; then
+    read -r more_cells more_rows <<< "$E2E_MORE"
+    t0=$(date +%s)
+    MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
+      python3 benchmarks/bench_e2e.py --cells "$more_cells" --rows "$more_rows" $E2E_ARGS --row-margin 60 \
+      --out "$OUT" --tag="$TAG-more" > "$OUT/e2e$TAG-more.log" 2>&1
+    echo "bench_e2e (more): rc $? in $(( $(date +%s) - t0 )) s"
+    grep -E "^B[0-9]+ " "$OUT/e2e$TAG-more.log" | tail -20
+  fi
 fi
 if [[ " $STAGES " == *" decode "* ]]; then
   t0=$(date +%s)

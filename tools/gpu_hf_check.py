@@ -131,14 +131,19 @@ def main():
         for compiled in (False, True):
             name = "compiled (fullgraph, cudagraphs)" if compiled else "eager"
             try:
-                cache = session.new_cache(max_cache_len=ids.shape[1] + 8)
+                capacity = ids.shape[1] + 8
+                cache = session.new_cache(max_cache_len=capacity)
                 forward = torch.compile(model.forward, fullgraph=True, backend="cudagraphs") if compiled else model.forward
-                step_mask = mask
+                # One mask of the cache's capacity for every step (positions past the current
+                # token are masked by causality): a mask growing by a token per step is an input
+                # of a new shape per step, which a recorded CUDA graph cannot take (cudagraph
+                # trees fail copying it in: "size of tensor a (1502) must match ... (1503)").
+                # generate() hands the compiled forward a fixed-size mask too.
+                step_mask = torch.cat([mask, mask.new_ones(2, capacity - mask.shape[1])], dim=1)
                 with torch.no_grad():
-                    out = model(input_ids=ids, attention_mask=step_mask, use_cache=True, **{arg: cache})
+                    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{arg: cache})
                     token = out.logits[:, -1:].argmax(-1)
                     for step in range(4):
-                        step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], dim=1)
                         if step == 3:
                             synchronize()
                             set_sync_debug_mode("error")
