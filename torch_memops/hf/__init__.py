@@ -11,7 +11,8 @@ restores the previous attention implementation; nothing is patched at import.
 
 The package, one job per module: ``config`` (MemopsConfig), ``methods`` (the method registry),
 ``storage`` (the buffers of a cache layer), ``cache`` (the layer and the transformers Cache),
-``attention`` (the attention function), ``session`` (enable and its patching), ``step_profile``.
+``attention`` (the attention function), ``session`` (enable and its patching), ``stop_check``
+(the deferred stop check of generate()), ``step_profile``.
 See ``docs/hf.md``.
 """
 
