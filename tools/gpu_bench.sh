@@ -91,27 +91,28 @@ if [[ " $STAGES " == *" hf "* ]]; then
   echo "gpu_hf_check: rc $? in $(( $(date +%s) - t0 )) s"
   grep -E "PASS|FAIL" "$OUT/gpu_hf$TAG.log" | head -20
 fi
+# bench_e2e on cells $1 with the arguments $3.. (rows), results tagged $2. The script stops
+# starting rows near its deadline; timeout ends a row that overruns it.
+run_e2e() {
+  local cells=$1 tag=$2 t0
+  shift 2
+  t0=$(date +%s)
+  MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
+    python3 benchmarks/bench_e2e.py --cells "$cells" "$@" $E2E_ARGS --row-margin 60 \
+    --out "$OUT" --tag="$tag" > "$OUT/e2e$tag.log" 2>&1
+  echo "bench_e2e $cells: rc $? in $(( $(date +%s) - t0 )) s"
+  grep -E "^B[0-9]+ " "$OUT/e2e$tag.log" | tail -40
+}
 if [[ " $STAGES " == *" e2e "* ]]; then
   reserve=0
   [[ " $STAGES " == *" decode "* ]] && reserve=$DECODE_S
   e2e_end=$((end - reserve))
   rows=()
   [ "$E2E_ROWS" != all ] && rows=(--rows "$E2E_ROWS")
-  t0=$(date +%s)
-  # The script stops starting rows near its deadline; timeout ends a row that overruns it.
-  MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
-    python3 benchmarks/bench_e2e.py --cells "$E2E_CELLS" "${rows[@]}" $E2E_ARGS --row-margin 60 \
-    --out "$OUT" --tag="$TAG" > "$OUT/e2e$TAG.log" 2>&1
-  echo "bench_e2e: rc $? in $(( $(date +%s) - t0 )) s"
-  grep -E "^B[0-9]+ " "$OUT/e2e$TAG.log" | tail -40
+  run_e2e "$E2E_CELLS" "$TAG" "${rows[@]}"
   if [ -n "${E2E_MORE:-}" ]; then
     read -r more_cells more_rows <<< "$E2E_MORE"
-    t0=$(date +%s)
-    MEMOPS_BENCH_DEADLINE=$e2e_end timeout $((e2e_end - t0 + 20)) \
-      python3 benchmarks/bench_e2e.py --cells "$more_cells" --rows "$more_rows" $E2E_ARGS --row-margin 60 \
-      --out "$OUT" --tag="$TAG-more" > "$OUT/e2e$TAG-more.log" 2>&1
-    echo "bench_e2e (more): rc $? in $(( $(date +%s) - t0 )) s"
-    grep -E "^B[0-9]+ " "$OUT/e2e$TAG-more.log" | tail -20
+    run_e2e "$more_cells" "$TAG-more" --rows "$more_rows"
   fi
 fi
 if [[ " $STAGES " == *" decode "* ]]; then
