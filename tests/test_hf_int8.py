@@ -79,3 +79,35 @@ def test_quest_int8_compiled_static_decode_gives_eager_tokens():
                                    forward=compiled_forward)
     assert torch.equal(eager, dynamic), "static and dynamic caches select the same pages"
     assert torch.equal(compiled, eager)
+
+
+def test_compiled_int8_summary_refresh_stays_in_place():
+    """Under inductor the decode refresh of the int8 summary writes its one page per row in
+    place: no loop of the generated code runs over the whole summary (written through an int8
+    view of the buffer, it compiled into whole-summary copies and a copy back, per layer and step:
+    on an H200 quest_int8 compiled took 12.2 ms a token against quest's 8.2, at batch 8, 32K).
+    The refreshed summary is prepare_memory(mode="minmax_int8") of the keys, byte for byte."""
+    from torch._inductor.utils import run_and_get_code
+
+    method = hf.get_method("quest_int8")
+    batch, heads, pages, page_size, dim = 2, 3, 300, 16, 64
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(batch, heads, pages * page_size, dim, generator=generator).to(torch.bfloat16)
+    seq_lens = torch.tensor([37, 4790], dtype=torch.int32)
+    summary = torch.zeros(batch, heads, pages, 2, dim, dtype=torch.bfloat16)
+    method.prepare(summary, keys, page_size, 0, seq_lens - 1)  # before the newest token
+    expected = summary.clone()
+    method.prepare(expected, keys, page_size, 0, seq_lens)
+    torch._dynamo.mark_static_address(summary)
+
+    def refresh(summary, keys, seq_lens):
+        method.prepare_decode(summary, keys, page_size, seq_lens)
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(refresh, fullgraph=True), summary, keys, seq_lens)
+    torch._dynamo.reset()
+    assert not torch.equal(summary.view(torch.int16), torch.zeros_like(summary, dtype=torch.int16))
+    assert torch.equal(summary.view(torch.int16), expected.view(torch.int16))
+    code = "\n".join(code)
+    for whole in (summary.numel(), summary.numel() * summary.element_size()):
+        assert f"{whole}L" not in code, f"a loop over the whole summary ({whole} elements) in the compiled refresh"

@@ -36,6 +36,25 @@ def packed_views(summary: Tensor) -> ops.QuantizedSummary:
     return ops.QuantizedSummary(codes, scales)
 
 
+def page_record(summary: Tensor, page: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """Page ``page[b]`` of every row of ``summary`` with its codes (``int8 [B, Hkv, 2, D]``) and
+    scale (``float32 [B, Hkv]``) replaced, as ``[B, Hkv, 2, D]`` of the summary's dtype; the
+    other bytes of the page as they were.
+
+    So that the decode write is one ``index_put_`` into the summary buffer itself: a write through
+    an int8 view of the whole buffer (``packed_views``) compiles under inductor into copies of the
+    whole summary and a copy back, per layer and step (the row write's ``scatter_`` problem of
+    ``rows.py``). Dtype views of this one-page tensor are cheap.
+    """
+    batch, heads, _, _, dim = summary.shape
+    rows = torch.arange(batch, device=summary.device)[:, None]
+    head_index = torch.arange(heads, device=summary.device)[None, :]
+    raw = summary[rows, head_index, page.to(torch.long)[:, None]].view(torch.int8)  # [B, Hkv, 2, D * size]
+    low = torch.cat((codes[:, :, 0], raw[:, :, 0, dim:]), dim=-1)
+    high = torch.cat((codes[:, :, 1], scales[..., None].view(torch.int8), raw[:, :, 1, dim + 4:]), dim=-1)
+    return torch.stack((low, high), dim=2).view(summary.dtype)
+
+
 class QuestInt8(Method):
     name = "quest_int8"
     summary_mode = "minmax_int8"
@@ -49,9 +68,7 @@ class QuestInt8(Method):
         # reference.quantize_minmax (pure tensor code, the kernels' codes and scales exactly).
         page, minmax = newest_page_minmax(keys, page_size, seq_lens)
         codes, scales = reference.quantize_minmax(minmax)  # [B, H, 2, D], [B, H]
-        views = packed_views(summary)
-        put_at_rows(views.codes, page, codes)
-        put_at_rows(views.scales, page, scales)
+        put_at_rows(summary, page, page_record(summary, page, codes, scales))
 
     def select(self, inputs: SelectionInputs):
         cfg = inputs.config
