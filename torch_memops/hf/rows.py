@@ -17,7 +17,18 @@ def put_at_rows(buffer: Tensor, positions: Tensor, values: Tensor) -> None:
     plus a copy back (on an H200, Llama-3-8B shapes, batch 8, 32K context, those two copies were
     28 ms of a 45 ms decode token: ``benchmarks/trace_e2e.py``).
     """
+    buffer.index_put_(_row_index(buffer, positions), values)
+
+
+def take_at_rows(buffer: Tensor, positions: Tensor) -> Tensor:
+    """``buffer[b, h, positions[b]]`` for every row and head: ``[B, H, ...]``, a new tensor (the
+    read that :func:`put_at_rows` writes back)."""
+    return buffer[_row_index(buffer, positions)]
+
+
+def _row_index(buffer: Tensor, positions: Tensor):
+    """The advanced index of ``[b, h, positions[b]]`` for every row ``b`` and head ``h``."""
     batch, heads = buffer.shape[:2]
     rows = torch.arange(batch, device=buffer.device)[:, None]
     head_index = torch.arange(heads, device=buffer.device)[None, :]
-    buffer.index_put_((rows, head_index, positions.to(torch.long)[:, None]), values)
+    return rows, head_index, positions.to(torch.long)[:, None]

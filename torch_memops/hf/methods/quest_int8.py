@@ -18,7 +18,7 @@ from torch import Tensor
 
 from torch_memops import ops, reference
 
-from ..rows import put_at_rows
+from ..rows import put_at_rows, take_at_rows
 from .base import Method, SelectionInputs, newest_page_minmax
 
 
@@ -46,10 +46,8 @@ def page_record(summary: Tensor, page: Tensor, codes: Tensor, scales: Tensor) ->
     whole summary and a copy back, per layer and step (the row write's ``scatter_`` problem of
     ``rows.py``). Dtype views of this one-page tensor are cheap.
     """
-    batch, heads, _, _, dim = summary.shape
-    rows = torch.arange(batch, device=summary.device)[:, None]
-    head_index = torch.arange(heads, device=summary.device)[None, :]
-    raw = summary[rows, head_index, page.to(torch.long)[:, None]].view(torch.int8)  # [B, Hkv, 2, D * size]
+    dim = summary.shape[-1]
+    raw = take_at_rows(summary, page).view(torch.int8)  # [B, Hkv, 2, D * size]
     low = torch.cat((codes[:, :, 0], raw[:, :, 0, dim:]), dim=-1)
     high = torch.cat((codes[:, :, 1], scales[..., None].view(torch.int8), raw[:, :, 1, dim + 4:]), dim=-1)
     return torch.stack((low, high), dim=2).view(summary.dtype)
