@@ -3,6 +3,8 @@ on tiny random models (CPU): the same attention as dense at full budget, its pac
 equal to prepare_memory(mode="minmax_int8") of the layer's keys after prefill and decode steps
 (dynamic and static caches), with the sink and current pages selected."""
 
+import math
+
 import pytest
 import torch
 
@@ -111,3 +113,16 @@ def test_compiled_int8_summary_refresh_stays_in_place():
     code = "\n".join(code)
     for whole in (summary.numel(), summary.numel() * summary.element_size()):
         assert f"{whole}L" not in code, f"a loop over the whole summary ({whole} elements) in the compiled refresh"
+
+
+def test_float32_bytes_are_the_memory_bytes():
+    """quest_int8 writes each page's scale as its four bytes computed by shifts (a dtype view of
+    a size-1 last dim fails under inductor on CUDA); they must be the bytes in memory, for every
+    kind of scale the quantiser makes (0, powers of two down to subnormals, inf, NaN) and random
+    bit patterns."""
+    from torch_memops.hf.methods.quest_int8 import float32_bytes
+
+    special = torch.tensor([0.0, 1.0, 2.0 ** -149, 2.0 ** -126, 2.0 ** 127, math.inf, math.nan, -0.0])
+    patterns = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, 5, 64), dtype=torch.int32).view(torch.float32)
+    for values in (special, patterns):
+        assert torch.equal(float32_bytes(values), values[..., None].view(torch.int8))

@@ -81,6 +81,8 @@ inline int grid_limit(int blocks_per_sm) {
 //                                docs/cuda.md)
 //   MEMOPS_CUDA_FUSED_MERGE=1    sparse_apply merges its splits in the split kernel's last block
 //                                (opt-in: slower than the merge kernel on the H200, docs/cuda.md)
+//   MEMOPS_CUDA_APPLY_BLOCKS=N   the tensor-core split plan aims at N blocks a multiprocessor
+//                                (1..16, default 4: fewer, longer splits at N < 4)
 inline bool env_switch(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr || std::string(value) != "0";
@@ -88,6 +90,11 @@ inline bool env_switch(const char* name) {
 inline bool env_opt_in(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::string(value) != "0";
+}
+inline int apply_blocks_per_sm() {
+  const char* value = std::getenv("MEMOPS_CUDA_APPLY_BLOCKS");
+  const int n = value == nullptr ? 0 : std::atoi(value);
+  return n >= 1 && n <= 16 ? n : 4;
 }
 
 // The tensor-core kernels (mma.m16n8k16 with bf16, movmatrix) need sm_80 or newer. The

@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_apply_cuda(const at::Tensor& query,
   const int64_t row_heads = p.index_heads != Hkv ? 1 : G;
   const int max_heads = row_heads == 1 ? 1 : (row_heads <= 4 ? 4 : 8);
   if (tensor_cores)
-    plan_sparse_apply_tc(p, grid_limit(4));
+    plan_sparse_apply_tc(p, grid_limit(apply_blocks_per_sm()));
   else
     plan_sparse_apply(p, max_heads, grid_limit(2));
   TORCH_CHECK(B * p.index_heads * p.head_chunks <= 65535, "memops.sparse_apply: the CUDA "

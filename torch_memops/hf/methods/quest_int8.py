@@ -49,8 +49,21 @@ def page_record(summary: Tensor, page: Tensor, codes: Tensor, scales: Tensor) ->
     dim = summary.shape[-1]
     raw = take_at_rows(summary, page).view(torch.int8)  # [B, Hkv, 2, D * size]
     low = torch.cat((codes[:, :, 0], raw[:, :, 0, dim:]), dim=-1)
-    high = torch.cat((codes[:, :, 1], scales[..., None].view(torch.int8), raw[:, :, 1, dim + 4:]), dim=-1)
+    high = torch.cat((codes[:, :, 1], float32_bytes(scales), raw[:, :, 1, dim + 4:]), dim=-1)
     return torch.stack((low, high), dim=2).view(summary.dtype)
+
+
+def float32_bytes(values: Tensor) -> Tensor:
+    """The four bytes of each float32 of ``values`` (``[...]`` -> ``int8 [..., 4]``), in memory
+    order (little-endian, as ``packed_views`` reads them back).
+
+    By shifts of the same-size int32 view and not ``values[..., None].view(torch.int8)``: inductor
+    on CUDA may lay out that size-1 last dim with stride 0, which a dtype view of a smaller
+    element refuses (``self.stride(-1) must be 1``; seen on an H200, torch 2.11).
+    """
+    bits = values.view(torch.int32)[..., None]
+    shifts = 8 * torch.arange(4, device=values.device, dtype=torch.int32)
+    return ((bits >> shifts) & 0xFF).to(torch.uint8).view(torch.int8)
 
 
 class QuestInt8(Method):
