@@ -33,14 +33,16 @@ constexpr int kMaxHeads = static_cast<int>(kTensorCoreMaxHeads);
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The pipelined split kernel's ring: per warp, two stages of one tile's K and V rows.
+// The pipelined split kernel's ring: per warp, two stages of one tile's K and V rows, in 16-byte
+// chunks (D / 8 a row).
 template <int D>
-constexpr int kRingBytes = kWarps * 2 * 2 * kTileTokens * D * 2;
+constexpr int kRingChunksPerWarp = 2 * 2 * kTileTokens * (D / 8);
+template <int D>
+constexpr int kRingBytes = kWarps * kRingChunksPerWarp<D> * 16;
 
 // Chunk position of 16-byte chunk `chunk` of tile row `row` in the ring (D of 64 or 128). K: the
 // two rows a quarter-warp reads (g, g + 1) land 64 bytes apart; V: the four rows 2t + 0/2/4/6
 // and the lane's two chunks spread over the eight 16-byte bank slots.
-template <int D>
 __device__ __forceinline__ int key_chunk(int row, int chunk) {
   return chunk ^ ((row & 1) << 2);
 }
@@ -151,7 +153,7 @@ __device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64
   uint4* ring = nullptr;
   if constexpr (kPipelined) {
     extern __shared__ uint4 apply_ring[];
-    ring = apply_ring + warp * 2 * 2 * kTileTokens * kRowChunks;
+    ring = apply_ring + warp * kRingChunksPerWarp<D>;
   }
   const auto ring_row = [&](int stage, int which, int row) {  // which: 0 K, 1 V
     return ring + ((stage * 2 + which) * kTileTokens + row) * kRowChunks;
@@ -161,7 +163,7 @@ __device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64
     for (int n = 0; n < kTileTokens * kRowChunks / 32; ++n) {
       const int index = lane + 32 * n, row = index / kRowChunks, chunk = index % kRowChunks;
       const int64_t key = token_offset[warp][stage][0][row], value = token_offset[warp][stage][1][row];
-      mma::copy16_async(ring_row(stage, 0, row) + key_chunk<D>(row, chunk),
+      mma::copy16_async(ring_row(stage, 0, row) + key_chunk(row, chunk),
                         k_base + (key >= 0 ? key : 0) + 8 * chunk, key >= 0);
       mma::copy16_async(ring_row(stage, 1, row) + value_chunk<D>(row, chunk),
                         v_base + (value >= 0 ? value : 0) + 8 * chunk, value >= 0);
@@ -197,27 +199,27 @@ __device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64
       next_page = page_of_token(tile + kWarps);
     }
     const int64_t key_lo = token_offset[warp][stage][0][g], key_hi = token_offset[warp][stage][0][g + 8];
-    // V tokens of this lane: 2t, 2t + 1, 2t + 8, 2t + 9 (the B-fragment rows of P^T).
-    int64_t value_at[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      value_at[i] = token_offset[warp][stage][1][2 * t + (i & 1) + 8 * (i / 2)];
+    // V tokens (tile rows) of this lane: 2t, 2t + 1, 2t + 8, 2t + 9 (the B-fragment rows of P^T).
+    const auto value_row = [&](int i) { return 2 * t + (i & 1) + 8 * (i / 2); };
 
     uint4 k_lo[kChunks], k_hi[kChunks], v[4][kValueLoads];
     if constexpr (kPipelined) {  // masked rows were copied as zeros
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        k_lo[c] = ring_row(stage, 0, g)[key_chunk<D>(g, 4 * c + t)];
-        k_hi[c] = ring_row(stage, 0, g + 8)[key_chunk<D>(g + 8, 4 * c + t)];
+        k_lo[c] = ring_row(stage, 0, g)[key_chunk(g, 4 * c + t)];
+        k_hi[c] = ring_row(stage, 0, g + 8)[key_chunk(g + 8, 4 * c + t)];
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int row = 2 * t + (i & 1) + 8 * (i / 2);
+        const int row = value_row(i);
 #pragma unroll
         for (int l = 0; l < kValueLoads; ++l)
           v[i][l] = ring_row(stage, 1, row)[value_chunk<D>(row, (kValueSpan * g + 8 * l) / 8)];
       }
     } else {
+      int64_t value_at[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) value_at[i] = token_offset[warp][stage][1][value_row(i)];
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         k_lo[c] = key_lo >= 0 ? mma::load16(k_base + key_lo + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
