@@ -55,7 +55,10 @@ def test_quest_int8_summary_and_selection_follow_the_ops(static):
                 keys = layer.keys[:, :, :length]
                 want = ops.prepare_memory(keys, PAGE, mode="minmax_int8")
                 pages = want.codes.shape[2]
-                got = packed_views(layer.storage.summary[:, :, :pages])
+                summary = layer.storage.summary
+                # A page is its two rows of D code bytes + 16 (scale, padding): 2 (D + 16) bytes.
+                assert summary.shape[-1] * summary.element_size() == keys.shape[-1] + 16
+                got = packed_views(summary[:, :, :pages])
                 assert torch.equal(got.codes, want.codes)
                 assert torch.equal(got.scales, want.scales)
                 if not static:  # the static cache keeps no host-side record of its selection
@@ -96,7 +99,7 @@ def test_compiled_int8_summary_refresh_stays_in_place():
     generator = torch.Generator().manual_seed(4)
     keys = torch.randn(batch, heads, pages * page_size, dim, generator=generator).to(torch.bfloat16)
     seq_lens = torch.tensor([37, 4790], dtype=torch.int32)
-    summary = torch.zeros(batch, heads, pages, 2, dim, dtype=torch.bfloat16)
+    summary = torch.zeros(batch, heads, pages, 2, method.summary_dim(dim, torch.bfloat16), dtype=torch.bfloat16)
     method.prepare(summary, keys, page_size, 0, seq_lens - 1)  # before the newest token
     expected = summary.clone()
     method.prepare(expected, keys, page_size, 0, seq_lens)

@@ -99,7 +99,8 @@ class HostLayerStorage(LayerStorage):
         self.keys = _host_buffer(batch, heads, capacity, key_dim, key_states.dtype, self.pinned, tokens)
         self.values = _host_buffer(batch, heads, capacity, value_states.shape[-1], value_states.dtype, self.pinned,
                                    tokens)
-        self.summary = torch.zeros((batch, heads, capacity // page_size, method.representatives, key_dim),
+        self.summary = torch.zeros((batch, heads, capacity // page_size, method.representatives,
+                                    method.summary_dim(key_dim, key_states.dtype)),
                                    dtype=key_states.dtype, device=compute_device)
         self.tail = torch.zeros((batch, heads, page_size, key_dim), dtype=key_states.dtype, device=compute_device)
         self.prepare_keys = self.relevancy_summary = None

@@ -72,7 +72,8 @@ class LayerStorage:
             if self.has_summary:
                 if self.prepare_device != self.memory_device:
                     self.prepare_keys = allocate(self.keys.shape, dtype=dtype, device=self.prepare_device)
-                summary_shape = (batch, heads, ceil_div(capacity, page_size), method.representatives, key_dim)
+                summary_shape = (batch, heads, ceil_div(capacity, page_size), method.representatives,
+                                 method.summary_dim(key_dim, dtype))
                 self.summary = allocate(summary_shape, dtype=dtype, device=self.prepare_device)
                 if self.relevancy_device != self.prepare_device:
                     self.relevancy_summary = allocate(summary_shape, dtype=dtype, device=self.relevancy_device)

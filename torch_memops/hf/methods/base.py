@@ -97,6 +97,11 @@ class Method:
         """``R`` of the summary (0 without one)."""
         return 0 if self.summary_mode is None else SUMMARY_REPRESENTATIVES[self.summary_mode]
 
+    def summary_dim(self, key_dim: int, dtype: torch.dtype) -> int:
+        """The last dim of the summary buffer ``[B, Hkv, N, R, summary_dim]`` (in ``dtype``, the
+        keys' dtype) for keys of ``key_dim``: ``key_dim`` unless the method packs its summary."""
+        return key_dim
+
     def prepare(self, summary: Tensor, keys: Tensor, page_size: int, first_page: int, seq_lens: Tensor) -> None:
         """Prepare Memory after a prefill or a chunk: recompute pages ``first_page ..`` in place."""
         ops.prepare_memory_(summary, keys, page_size, first_page, mode=self.summary_mode, seq_lens=seq_lens)

@@ -1,14 +1,15 @@
 """Quest on a bound-preserving int8 summary: per-page min/max rounded outward to int8 codes with a
 power-of-two scale per page (``prepare_memory(mode="minmax_int8")``), scored by the upper bound
 of q.k. The bound is never below Quest's on the exact summary (``docs/design.md``), and scoring
-reads half the bytes of a 16-bit summary.
+reads little more than half the bytes of a 16-bit summary.
 
-Storage: the cache allocates the summary of ``summary_mode`` as a ``[B, Hkv, N, 2, D]`` buffer in
-the keys' dtype; this method keeps its codes and scales inside those bytes (per page, the first
-``D`` bytes of each of the two rows hold the min and max codes, the 4 bytes after the max codes
-the page's float32 scale). So the cache's slicing, growing, device copies and reordering of the
-summary move codes and scales together; the buffer is not smaller than Quest's, only what
-Relevancy reads is.
+Storage: the cache allocates the summary as a ``[B, Hkv, N, 2, W]`` buffer in the keys' dtype,
+``W`` elements holding ``D + 16`` bytes (``summary_dim``): per page, the first ``D`` bytes of
+each of the two rows hold the min and max codes, the 4 bytes after the max codes the page's
+float32 scale, the rest is padding that keeps every row 16-byte aligned for the kernels' vector
+loads. So the cache's slicing, growing, device copies and reordering of the summary move codes
+and scales together, and a page takes ``2 (D + 16)`` bytes: 56 % of Quest's 16-bit summary at
+``D = 128``, which is what Relevancy reads (contiguously, page after page).
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ from ..rows import put_at_rows, take_at_rows
 from .base import Method, SelectionInputs, newest_page_minmax
 
 
+SCALE_ROW_BYTES = 16  # per summary row after the D code bytes: the scale (max row), padding
+
+
 def packed_views(summary: Tensor) -> ops.QuantizedSummary:
     """The codes ``int8 [B, Hkv, N, 2, D]`` and scales ``float32 [B, Hkv, N]`` inside a summary
-    buffer ``[B, Hkv, N, 2, D]`` of a 16- or 32-bit dtype (views: writes reach the buffer)."""
-    dim = summary.shape[-1]
-    if summary.element_size() < 2 or dim % 4 != 0 or summary.stride(-1) != 1:
+    buffer ``[B, Hkv, N, 2, W]`` of a 16- or 32-bit dtype whose rows hold ``D + 16`` bytes
+    (``QuestInt8.summary_dim``; views: writes reach the buffer)."""
+    row_bytes = summary.shape[-1] * summary.element_size()
+    dim = row_bytes - SCALE_ROW_BYTES
+    if summary.element_size() < 2 or dim <= 0 or dim % 4 != 0 or summary.stride(-1) != 1:
         raise ValueError(f"quest_int8: the summary buffer must be a 16- or 32-bit float tensor "
-                         f"with a contiguous head dim divisible by 4, got {summary.dtype} "
-                         f"{tuple(summary.shape)}")
-    raw = summary.view(torch.int8)  # [B, Hkv, N, 2, D * element_size]
+                         f"with a contiguous last dim of D + {SCALE_ROW_BYTES} bytes, D divisible by "
+                         f"4, got {summary.dtype} {tuple(summary.shape)}")
+    raw = summary.view(torch.int8)  # [B, Hkv, N, 2, D + 16]
     codes = raw[..., :dim]
     scales = raw[..., 1, dim:dim + 4].view(torch.float32).squeeze(-1)
     return ops.QuantizedSummary(codes, scales)
@@ -38,7 +44,7 @@ def packed_views(summary: Tensor) -> ops.QuantizedSummary:
 
 def page_record(summary: Tensor, page: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
     """Page ``page[b]`` of every row of ``summary`` with its codes (``int8 [B, Hkv, 2, D]``) and
-    scale (``float32 [B, Hkv]``) replaced, as ``[B, Hkv, 2, D]`` of the summary's dtype; the
+    scale (``float32 [B, Hkv]``) replaced, as ``[B, Hkv, 2, W]`` of the summary's dtype; the
     other bytes of the page as they were.
 
     So that the decode write is one ``index_put_`` into the summary buffer itself: a write through
@@ -46,8 +52,8 @@ def page_record(summary: Tensor, page: Tensor, codes: Tensor, scales: Tensor) ->
     whole summary and a copy back, per layer and step (the row write's ``scatter_`` problem of
     ``rows.py``). Dtype views of this one-page tensor are cheap.
     """
-    dim = summary.shape[-1]
-    raw = take_at_rows(summary, page).view(torch.int8)  # [B, Hkv, 2, D * size]
+    dim = codes.shape[-1]
+    raw = take_at_rows(summary, page).view(torch.int8)  # [B, Hkv, 2, D + 16]
     low = torch.cat((codes[:, :, 0], raw[:, :, 0, dim:]), dim=-1)
     high = torch.cat((codes[:, :, 1], float32_bytes(scales), raw[:, :, 1, dim + 4:]), dim=-1)
     return torch.stack((low, high), dim=2).view(summary.dtype)
@@ -69,6 +75,13 @@ def float32_bytes(values: Tensor) -> Tensor:
 class QuestInt8(Method):
     name = "quest_int8"
     summary_mode = "minmax_int8"
+
+    def summary_dim(self, key_dim, dtype):
+        size = torch.empty((), dtype=dtype).element_size()
+        if key_dim % 4 != 0 or size < 2:
+            raise ValueError(f"quest_int8: keys of a 16- or 32-bit float dtype with a head dim divisible by "
+                             f"4, got {dtype} and head dim {key_dim}")
+        return (key_dim + SCALE_ROW_BYTES) // size
 
     def prepare(self, summary, keys, page_size, first_page, seq_lens):
         ops.prepare_memory_(packed_views(summary), keys, page_size, first_page, mode="minmax_int8",
