@@ -315,6 +315,26 @@ def check_integer_topk(dtype, mode, reps, D, hq_hkv, N, k):
     assert torch.equal(got_s.cpu(), want_s)
 
 
+# The 256-thread row selection runs loops of 8, 12, 16 or 32 keys a thread, chosen per row from
+# its valid pages; rows on both sides of each width (2048 | 2049, 3072 | 3073 pages), fused into
+# the scoring kernel (up to kFusedSelectDefaultMaxPages) or as the selection kernel.
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "separate"])
+@pytest.mark.parametrize("N", [2049, 3073, 4096])
+def test_topk_relevancy_selection_widths(N, fused, monkeypatch):
+    monkeypatch.setenv("MEMOPS_CUDA_FUSED_SELECT", fused)
+    B, Hq, Hkv, D, k = 4, 32, 8, 128, 129
+    query = integer_tensor(B, Hq, D, dtype=torch.bfloat16)
+    a, b = (integer_tensor(B, Hkv, N, D, dtype=torch.bfloat16) for _ in range(2))
+    summary = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3)
+    num_pages = torch.tensor([N, 2048, min(N, 3072), 2049], dtype=torch.int32, device=DEV)
+    args = dict(num_pages=num_pages, sink_pages=1, recent_pages=2)
+    got_s, got_i = ops.topk_relevancy(query, summary, k, **args)
+    want_s, want_i = reference.topk_relevancy(query.cpu(), summary.cpu(), k,
+                                              **{**args, "num_pages": num_pages.cpu()})
+    assert torch.equal(got_i.cpu(), want_i)
+    assert torch.equal(got_s.cpu(), want_s)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_reduce", ["max", "sum"])
 def test_topk_relevancy_tensor_core_non_finite_pages_match_the_reference(dtype, group_reduce):

@@ -132,11 +132,13 @@ constexpr int64_t kTensorCoreMaxHeads = 8;
 // Index heads the tensor-core indexer reduces per kv row (eight n-tiles of 8).
 constexpr int64_t kTensorCoreMaxIndexHeads = 64;
 constexpr int64_t kFusedSelectMaxPages = 8192;  // select_detail::kSmallMaxPages
-// The longest rows topk_relevancy selects in the scoring kernel by default. Longer rows go to the
-// selection kernel, whose 1024 threads hold 8 keys each where the scoring block's 256 hold 32:
-// on an H200 (tools/probe_scoring.cu) 8192-page rows took 8 us less that way at Llama-3-8B
-// shapes, batch 1 and 8, while rows of 2048 pages gained 2-2.6 us from the fused selection.
-constexpr int64_t kFusedSelectDefaultMaxPages = 2048;
+// The longest rows topk_relevancy selects in the scoring kernel by default (12 keys a thread of
+// the scoring block's 256). Longer rows go to the selection kernel, whose 1024 threads hold 8 keys
+// each where the scoring block's 256 hold 32: on an H200 (tools/probe_scoring.cu) 8192-page rows
+// took 8 us less that way at Llama-3-8B shapes, batch 1 and 8, while rows of 2048 pages gained
+// 2-2.6 us from the fused selection. 3072 and not 2048: a static cache of 32K tokens and its new
+// tokens has 2049 pages and more.
+constexpr int64_t kFusedSelectDefaultMaxPages = 3072;
 
 // Whether the tensor-core scoring kernel (topk_relevancy_tc.cuh) takes these parameters; the
 // binding checks the device (sm_80+).

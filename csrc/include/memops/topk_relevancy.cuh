@@ -380,8 +380,9 @@ struct SmallSelectShared {
   int boundary_remaining, boundary_count;
 };
 
-// kKeys: keys per thread, a power of two >= ceil(valid / kThreads). Loops of exactly that
-// width: a block has one multiprocessor to itself, so every idle predicated slot costs latency.
+// kKeys: keys per thread, one of the widths of select_topk_row_small >= ceil(valid / kThreads).
+// Loops of exactly that width: a block has one multiprocessor to itself, so every idle
+// predicated slot costs latency.
 // The row is a latency chain, so no load sits behind a per-key branch (each would be waited for
 // before the next is issued): all scores are loaded at once, and the chosen ones are written
 // with predicated stores at positions counted from a bit mask.
@@ -390,9 +391,11 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int valid,
                                  SmallSelectShared<kThreads>& sh) {
   static_assert(kThreads >= kRadixBins, "one histogram bin per thread at most");
   static_assert(kKeys <= 32, "one bit a key in a 32-bit mask");
-  // Scores kept for the output (else loaded again, all at once): the 1024-thread kernel's
-  // registers do not hold two arrays of 32.
-  constexpr bool kKeepScores = kKeys <= 8;
+  // Scores kept for the output (else loaded again, a group at a time: a dependent trip to L2
+  // per group that holds a chosen page): the 1024-thread kernel's 64 registers do not hold two
+  // arrays of more than 8; a 256-thread block keeps up to 16 (rows of up to 4096 pages: a
+  // static cache at 32K tokens and more has 2049 and more).
+  constexpr bool kKeepScores = kKeys <= (kThreads <= kSmallThreads ? 16 : 8);
   const int tid = threadIdx.x, lane = tid % gpu::kWarpSize, warp = tid / gpu::kWarpSize;
   const float* scores = p.scores + row * p.pages;
   // Candidates are the pages [lo, hi); the other valid pages are forced (sinks and recent
@@ -529,7 +532,7 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int valid,
   int32_t* top_indices = p.top_indices + row * p.k;
   float* top_scores = p.top_scores + row * p.k;
   // Scores kept, or reloaded eight at a time (each group's loads issued together).
-  constexpr int kGroup = kKeepScores ? kKeys : 8;
+  constexpr int kGroup = kKeepScores ? kKeys : (kKeys % 8 == 0 ? 8 : 4);
 #pragma unroll
   for (int j0 = 0; j0 < kKeys; j0 += kGroup) {
     float group[kGroup];
@@ -572,6 +575,9 @@ __device__ void select_topk_row_small(const SelectParams& p, int64_t row) {
   if (per_thread <= 2) return select_small_row<kThreads, 2>(p, row, pages_in_row, shared);
   if (per_thread <= 4) return select_small_row<kThreads, 4>(p, row, pages_in_row, shared);
   if (per_thread <= 8) return select_small_row<kThreads, 8>(p, row, pages_in_row, shared);
+  // 12: rows just past 8 keys a thread (2049 pages: a static cache of 32K tokens) would
+  // otherwise run loops of 16.
+  if (per_thread <= 12) return select_small_row<kThreads, 12>(p, row, pages_in_row, shared);
   if (per_thread <= 16) return select_small_row<kThreads, 16>(p, row, pages_in_row, shared);
   select_small_row<kThreads, kSmallKeysPerThread>(p, row, pages_in_row, shared);
 }
