@@ -1,8 +1,7 @@
 """sparse_apply's kernel variants, chosen by the extension's MEMOPS_CUDA_* switches, side by side as
 CUDA-graph replays at the decode cells of issue 11 (bf16, page 16, random pages): the default
 tensor-core split kernel and merge kernel, other split plans (``MEMOPS_CUDA_APPLY_BLOCKS``), the
-merge in the split kernel (``MEMOPS_CUDA_FUSED_MERGE=1``), the split kernel with a cp.async ring
-(``MEMOPS_CUDA_APPLY_PIPELINE=1``) and the portable kernels. Variants that
+merge in the split kernel (``MEMOPS_CUDA_FUSED_MERGE=1``) and the portable kernels. Variants that
 run the same arithmetic must give the same bits; every variant's error against a float32 reference
 is reported. Also the bytes floor (selected K and V at the copy peak measured in the same run).
 
@@ -36,12 +35,10 @@ VARIANTS = {
     "fused merge": {"MEMOPS_CUDA_FUSED_MERGE": "1"},
     "fused merge, blocks 1": {"MEMOPS_CUDA_FUSED_MERGE": "1", "MEMOPS_CUDA_APPLY_BLOCKS": "1"},
     "fused merge, blocks 2": {"MEMOPS_CUDA_FUSED_MERGE": "1", "MEMOPS_CUDA_APPLY_BLOCKS": "2"},
-    "pipelined": {"MEMOPS_CUDA_APPLY_PIPELINE": "1"},
     "portable": {"MEMOPS_CUDA_TENSOR_CORES": "0"},
 }
 SAME_BITS = [("default", "fused merge"),
-             ("blocks 1", "fused merge, blocks 1"), ("blocks 2", "fused merge, blocks 2"),
-             ("blocks 2", "pipelined")]  # the pipelined kernel plans for 2 blocks a multiprocessor
+             ("blocks 1", "fused merge, blocks 1"), ("blocks 2", "fused merge, blocks 2")]
 
 
 def reference(query, keys, values, idx):

@@ -554,33 +554,6 @@ def test_sparse_apply_split_merge(dtype, tensor_cores, B, hq_hkv, k, monkeypatch
     check_attention(query, k_cache, v_cache, idx, P, None)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B", [1, 8])
-@pytest.mark.parametrize("hq_hkv", [(32, 8), (8, 8), (28, 4)], ids=["gqa4", "mha", "gqa7"])
-@pytest.mark.parametrize("k", [4, 300], ids=["one-split", "many-splits"])
-@pytest.mark.parametrize("D", [64, 128])
-def test_sparse_apply_pipelined_split_kernel_gives_the_same_bits(dtype, B, hq_hkv, k, D, monkeypatch):
-    """MEMOPS_CUDA_APPLY_PIPELINE=1 (each warp's next tile copied into a shared-memory ring with
-    cp.async, read back swizzled) runs the default kernel's arithmetic on the same split plan
-    (both planned for two blocks a multiprocessor here): the same bits, masked and padded tokens
-    included, and the reference's attention."""
-    Hq, Hkv = hq_hkv
-    query, k_cache, v_cache, idx, P = split_merge_inputs(B, Hq, Hkv, dtype, k, D=D)
-    S = k_cache.shape[2]
-    monkeypatch.setenv("MEMOPS_CUDA_APPLY_BLOCKS", "2")
-    lens = torch.randint(0, S + 1, (B,), dtype=torch.int32, device=DEV)
-    lens[0] = 700
-    for seq_lens in (None, lens, torch.zeros(B, dtype=torch.int32, device=DEV)):
-        default = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=seq_lens)
-        monkeypatch.setenv("MEMOPS_CUDA_APPLY_PIPELINE", "1")
-        assert any("pipelined" in name for name in kernel_names(
-            lambda: ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=seq_lens)))
-        pipelined = ops.sparse_apply(query, k_cache, v_cache, idx, P, seq_lens=seq_lens)
-        check_attention(query, k_cache, v_cache, idx, P, seq_lens)
-        monkeypatch.delenv("MEMOPS_CUDA_APPLY_PIPELINE")
-        assert torch.equal(pipelined[0], default[0]) and torch.equal(pipelined[1], default[1])
-
-
 @pytest.mark.parametrize("dtype,tensor_cores", SPLIT_KERNELS, ids=SPLIT_KERNEL_IDS)
 @pytest.mark.parametrize("k", [4, 300], ids=["one-split", "many-splits"])
 def test_sparse_apply_merge_switch_launches(dtype, tensor_cores, k, monkeypatch):

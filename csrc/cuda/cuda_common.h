@@ -82,9 +82,7 @@ inline int grid_limit(int blocks_per_sm) {
 //   MEMOPS_CUDA_FUSED_MERGE=1    sparse_apply merges its splits in the split kernel's last block
 //                                (opt-in: slower than the merge kernel on the H200, docs/cuda.md)
 //   MEMOPS_CUDA_APPLY_BLOCKS=N   the tensor-core split plan aims at N blocks a multiprocessor
-//                                (1..16, default 4, pipelined 2: fewer, longer splits at lower N)
-//   MEMOPS_CUDA_APPLY_PIPELINE=1 the tensor-core split kernel copies each warp's next tile into a
-//                                shared-memory ring with cp.async (opt-in until measured faster)
+//                                (1..16, default 4: fewer, longer splits at N < 4)
 inline bool env_switch(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr || std::string(value) != "0";
@@ -93,10 +91,10 @@ inline bool env_opt_in(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::string(value) != "0";
 }
-inline int apply_blocks_per_sm(int fallback) {
+inline int apply_blocks_per_sm() {
   const char* value = std::getenv("MEMOPS_CUDA_APPLY_BLOCKS");
   const int n = value == nullptr ? 0 : std::atoi(value);
-  return n >= 1 && n <= 16 ? n : fallback;
+  return n >= 1 && n <= 16 ? n : 4;
 }
 
 // The tensor-core kernels (mma.m16n8k16 with bf16, movmatrix) need sm_80 or newer. The

@@ -96,9 +96,6 @@ struct SparseApplyParams {
   // separate_merge, by a kernel of their own (every split then writes partials).
   int* split_done;
   bool separate_merge;
-  // Tensor-core split kernel: each warp copies its next tile's K and V into a shared-memory ring
-  // (cp.async) while it attends to this one (apply_tc_split's kPipelined).
-  bool pipelined;
 };
 
 struct MergeAttentionParams {

@@ -124,21 +124,6 @@ __device__ __forceinline__ uint4 load16_stream(const void* p) {
   return v;
 }
 
-// 16 bytes from global to shared memory, asynchronously (cp.async, sm_80+), through L2 only;
-// with `valid` false nothing is read and the 16 bytes are zeros.
-__device__ __forceinline__ void copy16_async(void* shared, const void* global, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global),
-               "r"(valid ? 16 : 0));
-}
-// Closes the group of this thread's cp.async issued since the last commit.
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;"); }
-// Waits until at most `kPending` of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void wait_async() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
-}
-
 // Asks L2 to fetch the 128-byte line holding `p` (no register, nothing waits for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));

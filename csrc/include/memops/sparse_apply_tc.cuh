@@ -8,11 +8,6 @@
 // K and V rows are loaded straight from the strided caches into registers with 16-byte loads
 // (each kv page read once for the whole GQA group); the element order inside a k-step is chosen
 // so that the loaded registers are the fragments (K, Q) or become them with byte permutes (V).
-// With kPipelined (opt-in) a warp does not load its tile into registers: it copies its next
-// tile's K and V rows into a two-stage shared-memory ring with cp.async while it attends to this
-// one, then reads the fragments from shared memory. Rows are stored with their 16-byte chunks
-// swizzled (XOR of the chunk position with bits of the row, one rule for K, one for V) so that
-// the fragment reads and the copies are free of bank conflicts.
 // P^T is moved from the accumulator layout to the B-fragment layout by an 8x8 register
 // transpose. P is rounded to the cache's 16-bit type for the second product (as FlashAttention
 // does); the softmax denominator sums the float32 values. The warps of a block are merged at the
@@ -33,25 +28,6 @@ constexpr int kMaxHeads = static_cast<int>(kTensorCoreMaxHeads);
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The pipelined split kernel's ring: per warp, two stages of one tile's K and V rows, in 16-byte
-// chunks (D / 8 a row).
-template <int D>
-constexpr int kRingChunksPerWarp = 2 * 2 * kTileTokens * (D / 8);
-template <int D>
-constexpr int kRingBytes = kWarps * kRingChunksPerWarp<D> * 16;
-
-// Chunk position of 16-byte chunk `chunk` of tile row `row` in the ring (D of 64 or 128). K: the
-// two rows a quarter-warp reads (g, g + 1) land 64 bytes apart; V: the four rows 2t + 0/2/4/6
-// and the lane's two chunks spread over the eight 16-byte bank slots.
-__device__ __forceinline__ int key_chunk(int row, int chunk) {
-  return chunk ^ ((row & 1) << 2);
-}
-template <int D>
-__device__ __forceinline__ int value_chunk(int row, int chunk) {
-  const int t_low = (row >> 1) & 1, t_high = (row >> 2) & 1;
-  return chunk ^ (D == 128 ? (t_low | t_high << 2) : (t_low << 1 | t_high << 2));
-}
-
 }  // namespace apply_tc
 
 // Split `split` of row `y` = (b, index head, head chunk), by a block of kWarps warps: the work of
@@ -59,7 +35,7 @@ __device__ __forceinline__ int value_chunk(int row, int chunk) {
 // (topk_sparse_apply_tc.cuh). kIndicesInL2: the indices were written by another block of the
 // same launch (read from L2). The row's splits are merged by its last block to finish
 // (p.split_done), by the merge kernel (p.separate_merge), or, with one split, by this block.
-template <typename T, int D, int kWarps, bool kIndicesInL2, bool kPipelined = false>
+template <typename T, int D, int kWarps, bool kIndicesInL2>
 __device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64_t split, int64_t y) {
   using namespace apply_tc;
   static_assert(D == 64 || D == 128, "register budget: D of 64 or 128");
@@ -69,10 +45,7 @@ __device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64
   constexpr int kValueLoads = D / 64;    // V: 16-byte loads per token and lane (D / 8 elements)
   constexpr int kMTiles = D / 16;        // m-tiles of O^T
   constexpr int kValueSpan = D / 8;      // V elements of one lane: d = kValueSpan * g + ...
-  constexpr int kRowChunks = D / 8;       // 16-byte chunks of one K or V row
-  constexpr int kStages = kPipelined ? 2 : 1;
-  // [stage] K, V element offsets of the stage's tile; -1 masked.
-  __shared__ int64_t token_offset[kWarps][kStages][2][kTileTokens];
+  __shared__ int64_t token_offset[kWarps][2][kTileTokens];  // K, V element offsets; -1 masked
   __shared__ float merge_max[kWarps][kMaxHeads], merge_sum[kWarps][kMaxHeads];
   __shared__ float merge_acc[kWarps][kMaxHeads][D];
   __shared__ float block_max[kMaxHeads], block_sum[kMaxHeads];  // one split: the block's results
@@ -138,101 +111,38 @@ __device__ __forceinline__ void apply_tc_split(const SparseApplyParams& p, int64
       return index_list[slot];
     }
   };
-  // Lanes 0..15: the offsets of token `lane` of `tile` (on page `page`) into stage `stage`.
-  const auto write_offsets = [&](int stage, int64_t tile, int64_t page) {
+  int64_t next_page = page_of_token(warp);
+  for (int64_t tile = warp; tile < tiles; tile += kWarps) {
+    __syncwarp();  // the previous tile's offsets have been read
     if (lane < kTileTokens) {
       const int64_t j = tile * kTileTokens + lane;
+      const int64_t page = next_page;
       const int64_t token = page * p.page_size + j % p.page_size;
       const bool attended = j < split_tokens && page >= 0 && page < total_pages && token < length;
-      token_offset[warp][stage][0][lane] = attended ? token * p.k_stride[2] : -1;
-      token_offset[warp][stage][1][lane] = attended ? token * p.v_stride[2] : -1;
+      token_offset[warp][0][lane] = attended ? token * p.k_stride[2] : -1;
+      token_offset[warp][1][lane] = attended ? token * p.v_stride[2] : -1;
     }
-  };
-  // kPipelined: this warp's ring (dynamic shared memory, apply_tc::kRingBytes<D> a block), and
-  // the copy of the tile whose offsets are in `stage` into it; masked rows become zeros.
-  uint4* ring = nullptr;
-  if constexpr (kPipelined) {
-    extern __shared__ uint4 apply_ring[];
-    ring = apply_ring + warp * kRingChunksPerWarp<D>;
-  }
-  const auto ring_row = [&](int stage, int which, int row) {  // which: 0 K, 1 V
-    return ring + ((stage * 2 + which) * kTileTokens + row) * kRowChunks;
-  };
-  const auto copy_tile = [&](int stage) {
-#pragma unroll
-    for (int n = 0; n < kTileTokens * kRowChunks / 32; ++n) {
-      const int index = lane + 32 * n, row = index / kRowChunks, chunk = index % kRowChunks;
-      const int64_t key = token_offset[warp][stage][0][row], value = token_offset[warp][stage][1][row];
-      mma::copy16_async(ring_row(stage, 0, row) + key_chunk(row, chunk),
-                        k_base + (key >= 0 ? key : 0) + 8 * chunk, key >= 0);
-      mma::copy16_async(ring_row(stage, 1, row) + value_chunk<D>(row, chunk),
-                        v_base + (value >= 0 ? value : 0) + 8 * chunk, value >= 0);
-    }
-  };
-
-  int64_t next_page = page_of_token(warp);
-  if constexpr (kPipelined) {  // the first tile's copy is in flight before the loop
-    write_offsets(0, warp, next_page);
     __syncwarp();
-    if (warp < tiles) copy_tile(0);
-    mma::commit_async();
-    next_page = page_of_token(warp + kWarps);
-  }
-  int stage = 0;
-  for (int64_t tile = warp; tile < tiles; tile += kWarps, stage ^= kStages - 1) {
-    __syncwarp();  // the previous tile's offsets (and, pipelined, its ring stage) have been read
-    if constexpr (kPipelined) {
-      // The next tile's copy goes out before this tile is waited for; a group is committed every
-      // trip (empty past the last tile) so that wait_async<1> always means "this tile's copy".
-      if (tile + kWarps < tiles) {
-        write_offsets(stage ^ 1, tile + kWarps, next_page);
-        __syncwarp();
-        copy_tile(stage ^ 1);
-      }
-      mma::commit_async();
-      next_page = page_of_token(tile + 2 * kWarps);
-      mma::wait_async<1>();
-      __syncwarp();  // every lane's copies of this tile are visible to the warp
-    } else {
-      write_offsets(0, tile, next_page);
-      __syncwarp();
-      next_page = page_of_token(tile + kWarps);
-    }
-    const int64_t key_lo = token_offset[warp][stage][0][g], key_hi = token_offset[warp][stage][0][g + 8];
-    // V tokens (tile rows) of this lane: 2t, 2t + 1, 2t + 8, 2t + 9 (the B-fragment rows of P^T).
-    const auto value_row = [&](int i) { return 2 * t + (i & 1) + 8 * (i / 2); };
+    next_page = page_of_token(tile + kWarps);
+    const int64_t key_lo = token_offset[warp][0][g], key_hi = token_offset[warp][0][g + 8];
+    // V tokens of this lane: 2t, 2t + 1, 2t + 8, 2t + 9 (the B-fragment rows of P^T).
+    int64_t value_at[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) value_at[i] = token_offset[warp][1][2 * t + (i & 1) + 8 * (i / 2)];
 
     uint4 k_lo[kChunks], k_hi[kChunks], v[4][kValueLoads];
-    if constexpr (kPipelined) {  // masked rows were copied as zeros
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        k_lo[c] = ring_row(stage, 0, g)[key_chunk(g, 4 * c + t)];
-        k_hi[c] = ring_row(stage, 0, g + 8)[key_chunk(g + 8, 4 * c + t)];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = value_row(i);
-#pragma unroll
-        for (int l = 0; l < kValueLoads; ++l)
-          v[i][l] = ring_row(stage, 1, row)[value_chunk<D>(row, (kValueSpan * g + 8 * l) / 8)];
-      }
-    } else {
-      int64_t value_at[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) value_at[i] = token_offset[warp][stage][1][value_row(i)];
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        k_lo[c] = key_lo >= 0 ? mma::load16(k_base + key_lo + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
-        k_hi[c] = key_hi >= 0 ? mma::load16(k_base + key_hi + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int l = 0; l < kValueLoads; ++l)
-          v[i][l] = value_at[i] >= 0
-                        ? mma::load16(v_base + value_at[i] + kValueSpan * g + 8 * l)
-                        : make_uint4(0, 0, 0, 0);  // masked tokens: zeros, never stale data
+    for (int c = 0; c < kChunks; ++c) {
+      k_lo[c] = key_lo >= 0 ? mma::load16(k_base + key_lo + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
+      k_hi[c] = key_hi >= 0 ? mma::load16(k_base + key_hi + 32 * c + 8 * t) : make_uint4(0, 0, 0, 0);
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int l = 0; l < kValueLoads; ++l)
+        v[i][l] = value_at[i] >= 0
+                      ? mma::load16(v_base + value_at[i] + kValueSpan * g + 8 * l)
+                      : make_uint4(0, 0, 0, 0);  // masked tokens: zeros, never stale data
 
     // s[0], s[1]: token g, heads 2t, 2t + 1; s[2], s[3]: token g + 8.
     float s[4] = {0.f, 0.f, 0.f, 0.f};
@@ -369,28 +279,6 @@ __global__ void __launch_bounds__(apply_tc::kThreads, 4)
   apply_tc_split<T, D, apply_tc::kWarps, false>(p, blockIdx.x, blockIdx.y);
 }
 
-// The same with the cp.async ring (apply_tc::kRingBytes<D> of dynamic shared memory; two blocks
-// a multiprocessor fit).
-template <typename T, int D>
-__global__ void __launch_bounds__(apply_tc::kThreads, 2)
-    sparse_apply_tc_pipelined_kernel(SparseApplyParams p) {
-  apply_tc_split<T, D, apply_tc::kWarps, false, true>(p, blockIdx.x, blockIdx.y);
-}
-
-template <typename T, int D>
-gpu::Error launch_sparse_apply_tc_for(const SparseApplyParams& p, dim3 grid, gpu::Stream stream) {
-  if (!p.pipelined) {
-    sparse_apply_tc_kernel<T, D><<<grid, apply_tc::kThreads, 0, stream>>>(p);
-    return gpu::last_error();
-  }
-  constexpr int kRing = apply_tc::kRingBytes<D>;
-  const gpu::Error e = gpu::set_max_dynamic_shared(
-      reinterpret_cast<const void*>(&sparse_apply_tc_pipelined_kernel<T, D>), kRing);
-  if (e != gpu::kSuccess) return e;
-  sparse_apply_tc_pipelined_kernel<T, D><<<grid, apply_tc::kThreads, kRing, stream>>>(p);
-  return gpu::last_error();
-}
-
 template <typename T>
 gpu::Error launch_sparse_apply_tc(const SparseApplyParams& p, gpu::Stream stream) {
   const int64_t rows = p.batch * p.index_heads * p.head_chunks;
@@ -398,8 +286,11 @@ gpu::Error launch_sparse_apply_tc(const SparseApplyParams& p, gpu::Stream stream
     const gpu::Error checked = check_split_merge(p);
     if (checked != gpu::kSuccess) return checked;
     const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(rows));
-    const gpu::Error e = p.dim == 64 ? launch_sparse_apply_tc_for<T, 64>(p, grid, stream)
-                                     : launch_sparse_apply_tc_for<T, 128>(p, grid, stream);
+    if (p.dim == 64)
+      sparse_apply_tc_kernel<T, 64><<<grid, apply_tc::kThreads, 0, stream>>>(p);
+    else
+      sparse_apply_tc_kernel<T, 128><<<grid, apply_tc::kThreads, 0, stream>>>(p);
+    const gpu::Error e = gpu::last_error();
     if (e != gpu::kSuccess) return e;
   }
   return launch_separate_merge<T>(p, stream);
