@@ -215,9 +215,9 @@ def test_topk_relevancy_million_pages_k4096():
 
 
 # The 16-bit summaries with D of 64 or 128 and groups of up to 8 heads are scored on the tensor
-# cores, and rows of up to 2048 pages are selected inside the scoring kernel (longer ones by the
+# cores, and rows of up to 3072 pages are selected inside the scoring kernel (longer ones by the
 # selection kernel); these cases cover both sides of each of those limits and many blocks per row.
-@pytest.mark.parametrize("N", [1500, 3001])
+@pytest.mark.parametrize("N", [1500, 3073])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,reps", [("bound", 2), ("dot", 1), ("dot", 2)])
 @pytest.mark.parametrize("D", [64, 128])

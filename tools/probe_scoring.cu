@@ -99,8 +99,8 @@ int main(int argc, char** argv) {
       {"L3 B8 32K", 8, 32, 8, 2048, 128},   {"L3 B1 32K", 1, 32, 8, 2048, 128},
       {"L3 B8 128K", 8, 32, 8, 8192, 256},  {"L3 B1 128K", 1, 32, 8, 8192, 256},
       {"Qwen B8 32K", 8, 28, 4, 2048, 128}, {"MHA B8 32K", 8, 32, 32, 2048, 128},
-      // Rows just past the fused-selection default (a static cache of 32K + the new tokens) and
-      // up to twice it: where the fused selection's 16 keys a thread meet the 1024-thread kernel.
+      // Rows just past 2048 pages (a static cache of 32K + the new tokens) and up to twice that:
+      // the fused selection's 12 and 16 keys a thread against the 1024-thread kernel.
       {"L3 B8 32K+2", 8, 32, 8, 2050, 128},  {"L3 B1 32K+2", 1, 32, 8, 2050, 128},
       {"L3 B8 48K", 8, 32, 8, 3072, 192},    {"L3 B1 48K", 1, 32, 8, 3072, 192},
       {"L3 B8 64K", 8, 32, 8, 4096, 256},    {"L3 B1 64K", 1, 32, 8, 4096, 256},

@@ -531,7 +531,7 @@ __device__ void select_small_row(const SelectParams& p, int64_t row, int valid,
   const int position = (exclusive & 0xffff) + min(tie_rank, remaining);
   int32_t* top_indices = p.top_indices + row * p.k;
   float* top_scores = p.top_scores + row * p.k;
-  // Scores kept, or reloaded eight at a time (each group's loads issued together).
+  // Scores kept, or reloaded eight (four for 12 keys) at a time, each group's loads together.
   constexpr int kGroup = kKeepScores ? kKeys : (kKeys % 8 == 0 ? 8 : 4);
 #pragma unroll
   for (int j0 = 0; j0 < kKeys; j0 += kGroup) {

@@ -77,7 +77,7 @@ class QuestInt8(Method):
     summary_mode = "minmax_int8"
 
     def summary_dim(self, key_dim, dtype):
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         if key_dim % 4 != 0 or size < 2:
             raise ValueError(f"quest_int8: keys of a 16- or 32-bit float dtype with a head dim divisible by "
                              f"4, got {dtype} and head dim {key_dim}")
