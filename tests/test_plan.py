@@ -216,3 +216,16 @@ def test_host_memory_is_one_placement_priced_from_its_own_ops():
     split = plan.config_for_placement(Placement("gpu", "cpu", "gpu", "gpu"), "gpu", base)
     assert split.offload is None and split.placement["relevancy"] == "cpu" and split.placement["apply"] == "auto"
     assert (split.token_budget, split.page_size) == (64, 8)
+
+
+def test_shape_for_refuses_a_summary_it_cannot_price():
+    """quest_int8's packed int8 summary is 2 (D + 16) bytes a page, not R * D elements, and its
+    scoring takes a QuantizedSummary: the planner says so instead of pricing it as a mean summary."""
+    from torch_memops import hf
+
+    work = tiny_workload()
+    config = hf.MemopsConfig(method="quest_int8", page_size=16, token_budget=128)
+    with pytest.raises(ValueError, match="quest_int8.*not modelled"):
+        plan.shape_for(work.model.config, config, 256, 1, torch.float32)
+    quest = plan.shape_for(work.model.config, hf.MemopsConfig(page_size=16, token_budget=128), 256, 1, torch.float32)
+    assert (quest.representatives, quest.relevancy_mode) == (2, "bound")

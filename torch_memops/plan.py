@@ -119,6 +119,12 @@ def shape_for(model_config, memops_config, context: int, batch: int, dtype: torc
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // q_heads
     method = memops_config.method_impl if hasattr(memops_config, "method_impl") else None
     summary_mode = getattr(method, "summary_mode", None) or ("mean" if memops_config.method == "mean" else "minmax")
+    if summary_mode not in ("minmax", "mean"):
+        # Priced as R * D elements a page and calibrated with 16/32-bit summaries, a packed summary
+        # (quest_int8: 2 (D + 16) bytes a page, a QuantizedSummary) would be modelled wrong.
+        raise ValueError(f"torch_memops.plan: method {memops_config.method!r} (summary mode {summary_mode!r}) "
+                         f"is not modelled; the planner models the minmax and mean summaries (quest, mean, "
+                         f"dense and the methods on them)")
     pages = -(-context // memops_config.page_size)
     budget = pages if memops_config.method == "dense" else memops_config.budget_pages
     layers = text.num_hidden_layers
