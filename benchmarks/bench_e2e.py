@@ -29,6 +29,9 @@ compare run first for every cell, then ``ours-dense-compiled`` and ``stock-stati
   so that ours is not credited with it.
 - ``ours-int8-compiled``: ours compiled with ``method="quest_int8"`` (the bound-preserving int8
   page summary: scoring reads half the bytes). The floor columns stay those of the 16-bit summary.
+- ``ours-compiled-unfused``: ours compiled with ``fuse_projections=False``: q/k/v and gate/up as
+  separate products, as stock runs them, so that the fused products' share of ours is told apart
+  (every other ``ours-*`` row fuses them).
 
 Next to them the bandwidth floor of a decode step at the copy peak measured in the same run:
 the weights read once (all parameters but the embedding table, of which ``B`` rows) plus the
@@ -101,6 +104,7 @@ class RowSpec:
     method: str = "quest"
     compile: bool = True  # False: the static cache with generate(disable_compile=True)
     defer: Optional[bool] = None  # read generate()'s stop flag a step late (None: the row's default)
+    fuse: bool = True  # ours: MemopsConfig.fuse_projections (q/k/v and gate/up as one product each)
 
 
 ROWS = [
@@ -120,6 +124,8 @@ ROWS = [
             ours=False, static=True, defer=True),
     RowSpec("ours-int8-compiled", "ours-compiled with method='quest_int8' (int8 page summaries)", ours=True,
             static=True, method="quest_int8"),
+    RowSpec("ours-compiled-unfused", "ours-compiled with fuse_projections=False (q/k/v, gate/up apart, as stock)",
+            ours=True, static=True, fuse=False),
 ]
 ROW_NAMES = [row.name for row in ROWS]
 # Run first, for every cell: the rows that the issue's targets compare.
@@ -297,7 +303,8 @@ class Runner:
 
     def memops_config(self, spec: RowSpec) -> hf.MemopsConfig:
         return hf.MemopsConfig(method=spec.method, page_size=self.args.page_size, token_budget=self.args.budget,
-                               dense_layers=self.args.dense_layers, defer_stop_check=spec.defer is not False)
+                               dense_layers=self.args.dense_layers, defer_stop_check=spec.defer is not False,
+                               fuse_projections=spec.fuse)
 
     def generate(self, inputs: dict, new_tokens: int, extra: dict):
         synchronize(self.device)

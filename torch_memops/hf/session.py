@@ -1,6 +1,6 @@
 """``enable(model, config)``: the session, the registration of the attention function and mask,
-the patch of ``generate``'s cache preparation, and the deferred stop check of its caches
-(``stop_check``); all reverted on exit."""
+the patch of ``generate``'s cache preparation, the deferred stop check of its caches
+(``stop_check``) and the fused projections (``fused_projections``); all reverted on exit."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor
 from .attention import ATTENTION_NAME, SESSION_ATTRIBUTE, memops_attention
 from .cache import cache_classes
 from .config import MemopsConfig
-from . import stop_check
+from . import fused_projections, stop_check
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
@@ -180,12 +180,15 @@ def enable(model, config: Optional[MemopsConfig] = None) -> Iterator[Session]:
         raise RuntimeError("torch_memops.hf.enable: this model is already inside an enable() context")
     session = Session(model, config)
     previous = model.config._attn_implementation
+    fused = None
     if _ACTIVE_COUNT == 0:
         _register_interfaces()
     _ACTIVE_COUNT += 1
     try:
         for module in modules:
             setattr(module, SESSION_ATTRIBUTE, session)
+        if config.fuse_projections:
+            fused = fused_projections.fuse(model)
         model.set_attn_implementation(ATTENTION_NAME)
         model._prepare_cache_for_generation = _replace_generated_cache(session, model._prepare_cache_for_generation)
         model.generate = _release_cache_after(session, model.generate)
@@ -199,6 +202,7 @@ def enable(model, config: Optional[MemopsConfig] = None) -> Iterator[Session]:
             model.set_attn_implementation(previous)
         for module in modules:
             module.__dict__.pop(SESSION_ATTRIBUTE, None)
+        fused_projections.unfuse(fused)
         session.active_cache = None
         stop_check.unregister(session)
         _ACTIVE_COUNT -= 1
