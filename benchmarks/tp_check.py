@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from torch_memops import hf
+from torch_memops.hf import fused_projections
 
 NEW_TOKENS = 24
 
@@ -77,7 +78,10 @@ def main(argv=None):
     tp_dense, _ = greedy(model, input_ids)
     local_kv_heads = [layer.keys.shape[1] for layer in cache.layers]
 
-    result = {"world_size": world, "device": str(device), "local_kv_heads_per_layer": local_kv_heads}
+    with hf.enable(model, full_budget):  # modules whose projections were fused (hooked ones are not)
+        fused = sum(1 for m in model.modules() if fused_projections.fused_weights(m))
+    result = {"world_size": world, "device": str(device), "local_kv_heads_per_layer": local_kv_heads,
+              "fused_projection_modules": fused}
     ok = all(h == model.config.num_key_value_heads // world for h in local_kv_heads)
     if rank == 0:
         single = AutoModelForCausalLM.from_pretrained(shared[0], dtype=torch.float32,

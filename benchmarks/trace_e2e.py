@@ -124,6 +124,7 @@ def main(argv=None):
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("MEMOPS_BENCH_OUT", RESULTS_DIR)))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per row, by time")
     args = parser.parse_args(argv)
     args.prefill, args.repeats = "random", 1
     shape, device = bench_e2e.LLAMA3_8B, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +140,7 @@ def main(argv=None):
     model = bench_e2e.build_model(shape, args.layers, dtype, device)
     rows = {spec.name: spec for spec in bench_e2e.ROWS}
     runner = TracingRunner(model, args, device, dtype)
+    runner.top = args.top
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     result = {"model": f"Llama shapes {shape['hidden_size']} hidden, {args.layers} layers, random bf16, "
                        f"quest budget {args.budget} page {args.page_size}",
