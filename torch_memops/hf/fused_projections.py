@@ -33,7 +33,8 @@ GROUPS: Tuple[Tuple[Tuple[str, ...], str], ...] = (
     (("gate_proj", "up_proj"), "memops_gate_up"),
 )
 
-_FORWARDS: Dict[Tuple[type, Tuple[str, ...]], Optional[Callable]] = {}  # per class: rewritten or None
+# Rewritten forwards per (class, groups), or None where the class's forward does not have the shape.
+_FORWARDS: Dict[Tuple[type, Tuple[Tuple[Tuple[str, ...], str], ...]], Optional[Callable]] = {}
 
 
 @dataclass
@@ -55,22 +56,20 @@ def fuse(model: torch.nn.Module) -> FusedProjections:
     """Fuse every group of projections of ``model`` that can be; see the module docstring."""
     done = FusedProjections()
     for module in model.modules():
-        fused_here = []
-        for names, attribute in GROUPS:
-            if not all(hasattr(module, n) for n in names):
-                continue
-            forward = _rewritten_forward(type(module), names, attribute)
-            if forward is None or not _fusable([getattr(module, n) for n in names]):
-                continue
+        groups = tuple((names, attribute) for names, attribute in GROUPS
+                       if all(hasattr(module, n) for n in names)
+                       and _fusable([getattr(module, n) for n in names])
+                       and _rewritten_forward(type(module), ((names, attribute),)) is not None)
+        if not groups:
+            continue
+        forward = _rewritten_forward(type(module), groups)
+        if forward is None:
+            continue
+        for names, attribute in groups:
             _fuse_weights(module, names, attribute)
-            fused_here.append(FusedGroup(module, names, attribute))
-        if fused_here:
-            forward = type(module).forward
-            for group in fused_here:
-                forward = _rewritten_forward(type(module), group.names, group.attribute, base=forward)
-            module.forward = forward.__get__(module)
-            done.groups += fused_here
-            done.patched.append(module)
+            done.groups.append(FusedGroup(module, names, attribute))
+        module.forward = forward.__get__(module)  # an instance attribute: the class is untouched
+        done.patched.append(module)
     return done
 
 
@@ -90,6 +89,11 @@ def unfuse(done: Optional[FusedProjections]) -> None:
             group.module.__dict__.pop(group.attribute + suffix, None)
     done.groups.clear()
     done.patched.clear()
+
+
+def fused_weights(module: torch.nn.Module) -> Dict[str, Tensor]:
+    """The fused weights that :func:`fuse` gave ``module``, by group attribute (empty if none)."""
+    return {attr: module.__dict__[attr + "_weight"] for _, attr in GROUPS if attr + "_weight" in module.__dict__}
 
 
 def _fusable(linears: Sequence[torch.nn.Module]) -> bool:
@@ -130,68 +134,61 @@ def _fuse_weights(module: torch.nn.Module, names: Sequence[str], attribute: str)
     module.__dict__[attribute + "_sizes"] = sizes
 
 
-def _rewritten_forward(cls: type, names: Tuple[str, ...], attribute: str,
-                       base: Optional[Callable] = None) -> Optional[Callable]:
-    """``base`` (default: ``cls.forward``) with each ``self.<name>(x)`` of the group, all on one
-    argument ``x`` and each exactly once, replaced by its slice of one product computed first;
-    None when the source does not have that shape."""
-    key = (cls, names, id(base))
+def _rewritten_forward(cls: type, groups) -> Optional[Callable]:
+    key = (cls, groups)
     if key not in _FORWARDS:
-        _FORWARDS[key] = _rewrite(base or cls.forward, names, attribute)
+        _FORWARDS[key] = _rewrite(cls.forward, groups)
     return _FORWARDS[key]
 
 
-def _rewrite(function: Callable, names: Tuple[str, ...], attribute: str) -> Optional[Callable]:
-    source_of = getattr(function, "__memops_source__", None)
+def _rewrite(function: Callable, groups) -> Optional[Callable]:
+    """``function`` with, for each group, each ``self.<name>(x)`` (all on one parameter ``x`` of
+    the function, each exactly once) replaced by its slice of one product computed first; None
+    when the source does not have that shape."""
     try:
-        source = source_of or textwrap.dedent(inspect.getsource(function))
-        tree = ast.parse(source)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return None
     definition = tree.body[0] if tree.body else None
     if not isinstance(definition, ast.FunctionDef):
         return None
-    calls: Dict[str, List[ast.Call]] = {n: [] for n in names}
-    for node in ast.walk(definition):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
-                and len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Name)):
-            calls[node.func.attr].append(node)
-    if any(len(found) != 1 for found in calls.values()):
-        return None
-    argument = {found[0].args[0].id for found in calls.values()}
-    if len(argument) != 1:
-        return None
-    argument = argument.pop()
-    parameters = [a.arg for a in definition.args.args + definition.args.kwonlyargs]
-    if argument not in parameters:
-        return None  # the input is computed in the body: the product could not come first
-    local = f"_{attribute}_outputs"
-    for i, name in enumerate(names):
-        node = calls[name][0]
-        replacement = ast.Subscript(value=ast.Name(id=local, ctx=ast.Load()), slice=ast.Constant(i), ctx=ast.Load())
-        _replace_node(definition, node, replacement)
-    product = ast.parse(
-        f"{local} = torch.nn.functional.linear({argument}, self.{attribute}_weight, "
-        f"self.{attribute}_bias).split(self.{attribute}_sizes, dim=-1)").body[0]
+    parameters = {a.arg for a in definition.args.args + definition.args.kwonlyargs}
+    products = []
+    for names, attribute in groups:
+        calls = {n: [] for n in names}
+        for node in ast.walk(definition):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
+                    and len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Name)):
+                calls[node.func.attr].append(node)
+        if any(len(found) != 1 for found in calls.values()):
+            return None
+        arguments = {found[0].args[0].id for found in calls.values()}
+        if len(arguments) != 1 or not arguments <= parameters:
+            return None  # apart, or an input computed in the body: the product could not come first
+        outputs = f"_{attribute}_outputs"
+        for i, name in enumerate(names):
+            _replace_node(definition, calls[name][0],
+                          ast.Subscript(value=ast.Name(id=outputs, ctx=ast.Load()), slice=ast.Constant(i),
+                                        ctx=ast.Load()))
+        products.append(ast.parse(
+            f"{outputs} = torch.nn.functional.linear({arguments.pop()}, self.{attribute}_weight, "
+            f"self.{attribute}_bias).split(self.{attribute}_sizes, dim=-1)").body[0])
     body = definition.body
-    first = 1 if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-        else 0
-    body.insert(first, product)
+    first = 1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0
+    body[first:first] = products
     ast.fix_missing_locations(tree)
     module = sys.modules.get(getattr(function, "__module__", None) or "")
-    if module is None:
+    if module is None or vars(module).get("torch") is not torch:
         return None
-    namespace = dict(vars(module))
-    namespace.setdefault("torch", torch)
+    defined: dict = {}
     try:
-        exec(compile(tree, f"<torch_memops fused {function.__qualname__}>", "exec"), namespace)
+        # The module's own globals (its later patches are seen); the definition lands in `defined`.
+        exec(compile(tree, f"<torch_memops fused {function.__qualname__}>", "exec", dont_inherit=True),
+             vars(module), defined)
     except Exception:  # a decorator or annotation that does not evaluate again: leave it alone
         return None
-    rewritten = namespace[definition.name]
-    rewritten.__memops_source__ = ast.unparse(tree)  # so that a second group rewrites this one
-    rewritten.__module__ = function.__module__
-    return rewritten
+    return defined[definition.name]
 
 
 def _replace_node(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
@@ -205,8 +202,3 @@ def _replace_node(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
                     if item is old:
                         value[i] = new
                         return
-
-
-def fused_weights(module: torch.nn.Module) -> Dict[str, Tensor]:
-    """The fused weights that :func:`fuse` gave ``module`` (by group attribute); for tests."""
-    return {attr: module.__dict__[attr + "_weight"] for _, attr in GROUPS if attr + "_weight" in module.__dict__}
