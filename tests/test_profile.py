@@ -113,13 +113,16 @@ def test_measured_energy_is_apportioned_by_step_time():
     energy = report["energy"]
     cpu = energy["by_device"]["cpu"]
     assert cpu["source"] == "fake"
-    assert cpu["total_j"] == pytest.approx(10.0 * report["run"]["time_s"], rel=1e-3)
+    # The counter is read right after the clock at each boundary: microseconds apart, but a shared
+    # 2-core CI host once put 70 us between them (0.1 % of the run); 0.5 ms of host time is allowed.
+    slack = dict(rel=1e-3, abs=10.0 * 5e-4)
+    assert cpu["total_j"] == pytest.approx(10.0 * report["run"]["time_s"], **slack)
     decode = report["phases"]["decode"]
-    # The counter is read right after the clock at each boundary: microseconds apart.
-    assert cpu["phases"]["decode"]["energy_j"] == pytest.approx(10.0 * decode["time_s"], rel=1e-3)
+    assert cpu["phases"]["decode"]["energy_j"] == pytest.approx(10.0 * decode["time_s"], **slack)
     assert cpu["phases"]["decode"]["memory_processing_j"] == pytest.approx(
-        10.0 * decode["memory_processing_s"], rel=1e-3)
-    assert energy["decode_j_per_token"] == pytest.approx(10.0 * decode["time_s"] / decode["tokens"], rel=1e-3)
+        10.0 * decode["memory_processing_s"], **slack)
+    assert energy["decode_j_per_token"] == pytest.approx(10.0 * decode["time_s"] / decode["tokens"],
+                                                         rel=1e-3, abs=slack["abs"] / decode["tokens"])
     assert energy["memory_processing_pct"] == pytest.approx(
         100.0 * energy["memory_processing_j"] / energy["total_j"], rel=1e-9)
 
